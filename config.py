@@ -1,0 +1,159 @@
+"""The run configuration: one flat YAML file -> one dataclass.
+
+    python train.py configs/qwen3_1p7b_ibtpo.yaml lr=2e-6 run_dir=runs/try2
+
+Every key is a field of Config below, with its default and meaning. Unknown
+keys, values of the wrong type and missing files are errors that name the key.
+Command-line overrides are `key=value`, the value parsed as YAML (so `lam=0.1`,
+`chat_template=false`, `eval_sets=[a.jsonl,b.jsonl]`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class Config:
+    # --- model and data (hub ids or local paths; loaded with from_pretrained / load_dataset)
+    model: str = ""                      # policy to train: hub id or local folder
+    dtype: str = "bfloat16"              # compute dtype: bfloat16 | float16 | float32 (master weights stay float32)
+    data: str = ""                       # training questions: hub id, local folder, or .json/.jsonl/.parquet file
+    data_subset: str = ""                # hub dataset config name, if any
+    data_split: str = "train"
+    question_field: str = "auto"         # "auto": the first of question / problem / prompt
+    answer_field: str = "auto"           # "auto": the first of answer / solution / ground_truth / final_answer
+    prompt_template: str = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    chat_template: bool = True           # wrap the prompt with the tokenizer's chat template when it has one
+    max_prompt_tokens: int = 512         # longer prompts are dropped at load time (counted in the log)
+    # --- IBTree sampling (PAPER.md section 4) and the IB-Score (section 3)
+    strategy: str = "ib"                 # ib | entropy | random | independent (tree.STRATEGIES)
+    B0: int = 4
+    L: int = 9
+    K: int = 1
+    B: int = 1
+    beta: float = 5.0
+    step_prob: str = "mean"              # DECISION step_prob: mean | joint
+    max_step_tokens: int = 512           # cap on one step's length (0: none)
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 20                      # 0 disables
+    max_response_tokens: int = 2048
+    # --- advantages and loss (sections 5, 6)
+    lam: float = 0.1                     # weight of A_IB in A = A_GL + lam * A_IB
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_coef: float = 0.001               # 0 loads no reference model
+    loss_agg: str = "token-mean"         # token-mean | seq-mean-token-mean | constant (Dr. GRPO)
+    # --- optimisation
+    questions_per_step: int = 128        # questions per rollout batch, all ranks together
+    updates_per_batch: int = 1           # optimizer steps per rollout batch (mini-batches)
+    micro_batch_tokens: int = 16384      # token budget of one forward/backward (prompt + response, padded)
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_checkpointing: bool = False
+    # --- run
+    steps: int = 0                       # rollout batches to train on; 0 = one epoch of the data
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 1                   # print a metrics line every N steps (the JSON file gets every step)
+    save_every: int = 0                  # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2
+    resume: bool = True                  # continue from run_dir's latest checkpoint when there is one
+    eval_sets: list = field(default_factory=list)  # eval data: "path_or_hub_id[@split]", fields found as above
+    eval_every: int = 0                  # evaluate every N steps (0: only before and after training)
+    eval_k: int = 4                      # avg@k: samples per eval question
+    eval_max_questions: int = 0          # 0: all
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    eval_only: bool = False              # score `model` on eval_sets and exit
+    dump_trees: int = 1                  # write this many trees of the last step to run_dir/trees.txt
+
+    def check(self) -> None:
+        import tree
+        def need(ok: bool, key: str, msg: str):
+            if not ok:
+                raise ValueError(f"config: {key} {msg} (got {getattr(self, key)!r})")
+        need(bool(self.model), "model", "must name a hub id or a local folder")
+        need(bool(self.data) or self.eval_only, "data", "must name a dataset")
+        need(self.dtype in ("bfloat16", "float16", "float32"), "dtype", "must be bfloat16, float16 or float32")
+        need(self.strategy in tree.STRATEGIES, "strategy", f"must be one of {sorted(tree.STRATEGIES)}")
+        need(self.step_prob in ("mean", "joint"), "step_prob", "must be mean or joint")
+        need(self.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"), "loss_agg",
+             "must be token-mean, seq-mean-token-mean or constant")
+        for k in ("B0", "L", "K", "B", "questions_per_step", "updates_per_batch", "micro_batch_tokens",
+                  "max_response_tokens", "eval_k", "log_every", "keep_checkpoints"):
+            need(getattr(self, k) >= 1, k, "must be >= 1")
+        for k in ("steps", "max_step_tokens", "top_k", "save_every", "eval_every", "warmup_steps", "kl_coef",
+                  "weight_decay", "grad_clip", "eval_max_questions", "dump_trees"):
+            need(getattr(self, k) >= 0, k, "must be >= 0")
+        need(self.beta > 0, "beta", "must be > 0")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1, "top_p", "and eval_top_p must be in (0, 1]")
+        need(self.temperature > 0, "temperature", "must be > 0 for sampling")
+        need("{question}" in self.prompt_template, "prompt_template", "must contain {question}")
+        need(self.updates_per_batch <= self.questions_per_step, "updates_per_batch", "must be <= questions_per_step")
+        for key in ("model", "data"):
+            path = getattr(self, key)
+            if path and looks_local(path) and not os.path.exists(path):
+                raise FileNotFoundError(f"config: {key} path not found: {path}")
+        for spec in self.eval_sets:
+            path = spec.split("@")[0]
+            if looks_local(path) and not os.path.exists(path):
+                raise FileNotFoundError(f"config: eval_sets path not found: {path}")
+
+
+def looks_local(path: str) -> bool:
+    """A hub id is "name" or "org/name"; anything else is a local path."""
+    return (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1
+            or os.path.splitext(path)[1].lower() in (".json", ".jsonl", ".parquet", ".csv"))
+
+
+def _coerce(key: str, value, typ):
+    """Check a YAML value against the field's type; ints are accepted for floats."""
+    origin = typing.get_origin(typ) or typ
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list and isinstance(value, str):  # a single eval set given as a string
+        return [value]
+    if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. data_subset: 2024
+    if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
+        raise ValueError(f"config: {key} must be {origin.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read the YAML file (if any), apply key=value overrides, validate."""
+    raw = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config: {path} must hold a mapping of key: value")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"config override must look like key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        raw[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+    types = typing.get_type_hints(Config)
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"config: unknown key(s) {unknown}; see config.py for the valid keys")
+    cfg = Config(**{k: _coerce(k, v, types[k]) for k, v in raw.items()})
+    cfg.check()
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)

@@ -1,0 +1,142 @@
+"""train.py end to end on the tiny model: in-process, under torchrun (2 ranks,
+gloo, FSDP2), save and resume, eval-only, bad config and bad data."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
+KEYS = ("step reward_mean eff_rate avg_rate ib_score ib_exploration ib_exploitation cov_eta entropy "
+        "gen_tokens trajectories kl clip_frac grad_norm lr time_rollout time_train").split()
+
+
+def run(tiny_dir, math_jsonl, run_dir, *extra):
+    return train.main([CFG, f"model={tiny_dir}", f"data={math_jsonl}", f"run_dir={run_dir}", *extra])
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_two_steps_in_process(tiny_dir, math_jsonl, tmp_path):
+    out = tmp_path / "run"
+    last = run(tiny_dir, math_jsonl, out, f"eval_sets=[{math_jsonl}]")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # eval before training, then one line per step
+    assert "eval/math" in rows[0] and "eval/math" in rows[2]
+    for r in rows[1:]:
+        assert set(KEYS) <= set(r)
+        assert r["trajectories"] == 2 * 4  # questions_per_step x G, G = B0 + (L-1)*K*B = 2 + 2
+        assert 0 < r["gen_tokens"] <= 8 * 24 and all(math_ok(r[k]) for k in KEYS)
+    assert rows[1]["kl"] == 0.0 and rows[2]["kl"] > 0  # the reference equals the policy at step 1 only
+    assert last == rows[-1]
+    with open(out / "config.yaml") as f:
+        assert "max_response_tokens: 24" in f.read()
+    # a Hugging Face checkpoint that from_pretrained loads, with the trained weights
+    hf = out / "checkpoints" / "step_000002" / "hf"
+    trained, initial = weights(hf), weights(tiny_dir)
+    assert max((trained[k] - initial[k]).abs().max() for k in initial) > 0
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(hf)("ab")["input_ids"] == AutoTokenizer.from_pretrained(tiny_dir)("ab")["input_ids"]
+    assert (out / "trees.txt").read_text().startswith("question:")
+
+
+def math_ok(v):
+    return v == v and abs(v) != float("inf")  # not NaN, not inf
+
+
+def test_resume_continues_with_the_same_next_batch(tiny_dir, math_jsonl, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(tiny_dir, math_jsonl, a, "steps=3")
+    run(tiny_dir, math_jsonl, b, "steps=1")    # stops (and saves) after one step
+    run(tiny_dir, math_jsonl, b, "steps=3")    # resumes at step 1
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    assert strip(metrics(a)) == strip(metrics(b))
+    wa, wb = weights(a / "checkpoints/step_000003/hf"), weights(b / "checkpoints/step_000003/hf")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tiny_dir, math_jsonl, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(tiny_dir, math_jsonl, out, "steps=1")
+    import torch.distributed.checkpoint as dcp
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed half-way through a save")
+    monkeypatch.setattr(dcp, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dir, math_jsonl, out, "steps=2")
+    monkeypatch.undo()
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_000001"
+    assert (ckpts / "step_000001" / "meta.json").exists()
+    weights(ckpts / "step_000001" / "hf")  # still loads
+    run(tiny_dir, math_jsonl, out, "steps=2")  # and the run resumes from it
+    assert (ckpts / "latest").read_text() == "step_000002"
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_eval_only(tiny_dir, math_jsonl, tmp_path):
+    res = run(tiny_dir, math_jsonl, tmp_path / "ev", "eval_only=true", f"eval_sets=[{math_jsonl}]", "eval_k=3")
+    assert set(res) == {"eval/math"} and 0.0 <= res["eval/math"] <= 1.0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text()) == res
+    assert not (tmp_path / "ev" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("extra, err, words", [
+    (["bogus=1"], ValueError, "unknown key(s) ['bogus']"),
+    (["B0=two"], ValueError, "B0 must be int"),
+    (["strategy=best"], ValueError, "strategy must be one of"),
+    (["data=/nonexistent/q.jsonl"], FileNotFoundError, "/nonexistent/q.jsonl"),
+    (["question_field=query"], ValueError, "no question field 'query'"),
+    (["model=/nonexistent_model"], FileNotFoundError, "/nonexistent_model"),
+])
+def test_bad_config_and_data_fail_clearly(tiny_dir, math_jsonl, tmp_path, extra, err, words):
+    with pytest.raises(err) as e:
+        run(tiny_dir, math_jsonl, tmp_path / "bad", *extra)
+    assert words in str(e.value)
+
+
+def test_missing_config_file_and_bad_rows(tiny_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        train.main([str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": 3, "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match="bad row"):
+        train.main([CFG, f"model={tiny_dir}", f"data={bad}", f"run_dir={tmp_path / 'r'}"])
+
+
+def test_torchrun_two_ranks_fsdp2(tiny_dir, math_jsonl, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # set by the in-process tests' single-rank group
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), CFG, f"model={tiny_dir}", f"data={math_jsonl}",
+           f"run_dir={out}", "questions_per_step=4", f"eval_sets=[{math_jsonl}]"]
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["trajectories"] == 4 * 4  # both ranks' trees are counted: 2 questions each
+        assert set(KEYS) <= set(r)
+    # both ranks wrote their shard of the resumable state, and rank 0 the gathered model
+    state = os.listdir(out / "checkpoints/step_000002/state")
+    assert sum(f.endswith(".distcp") for f in state) == 2
+    assert os.path.exists(out / "checkpoints/step_000002/rng_1.pt")
+    trained, initial = weights(out / "checkpoints/step_000002/hf"), weights(tiny_dir)
+    assert set(trained) == set(initial)
+    assert all(trained[k].shape == initial[k].shape for k in initial)

@@ -1,0 +1,498 @@
+"""IB-TPO training loop: plain PyTorch, one process per GPU, FSDP2.
+
+    python train.py configs/toy.yaml                          # one process (CPU or one GPU)
+    torchrun --nproc_per_node=8 train.py configs/qwen3_1p7b_ibtpo.yaml
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
+        --rdzv_endpoint=$HEAD:29500 train.py configs/qwen3_8b_ibtpo.yaml
+    python train.py cfg.yaml eval_only=true model=runs/x/checkpoints/step_000100/hf
+
+Every step (PAPER.md sections 4-6):
+  1. rollout: each rank grows IBTrees (B0, L, K, B) for its share of the
+     questions (tree.grow: one batched generate per round), verified by reward.py;
+  2. advantages: A = A_GL + lam * A_IB per step node (ibtpo.compute_advantages);
+  3. update: the clipped surrogate with k3 KL (Eq. LOSS) over every root-to-leaf
+     trajectory, micro-batched by a token budget, normalised over the whole
+     optimizer step across micro-batches and ranks.
+
+Simplifications against the paper (which used verl + vLLM on 8 x A100):
+  - Rollouts use HF generate (one batched call per round) on the training
+    weights, gathered once per rollout phase: no separate inference engine.
+  - The ratio's old log-probs come from the training forward pass. With
+    updates_per_batch = 1 (default) they are the detached current log-probs,
+    so the ratio is 1 and the clip is inactive, as in on-policy GRPO.
+  - pi_old(s) in A_IB and eta2 in the IB-Score use the rollout's log-probs
+    (temperature-scaled, before top-k/top-p truncation).
+  - Each trajectory is a sample of its own: tokens of a shared prefix appear in
+    every trajectory through them, with no down-weighting (PAPER.md section 6).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import ibtpo
+import reward
+import tree
+from config import Config, load_config, save_config
+
+QUESTION_FIELDS = ("question", "problem", "prompt")
+ANSWER_FIELDS = ("answer", "solution", "ground_truth", "final_answer")
+
+
+# ----------------------------------------------------------------------------
+# Distributed set-up: always a process group (gloo world of 1 without torchrun)
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python train.py`: a world of one
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_max(value: int, device) -> int:
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+def load_split(spec: str, subset: str = "", split: str | None = None):
+    """A datasets.Dataset from a hub id, a local folder or a .json/.jsonl/.parquet file."""
+    from datasets import load_dataset
+    if "@" in spec:
+        spec, split = spec.rsplit("@", 1)
+    ext = os.path.splitext(spec)[1].lower()
+    if ext in (".json", ".jsonl", ".parquet", ".csv"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"data file not found: {spec}")
+        kind = {".jsonl": "json"}.get(ext, ext[1:])
+        return load_dataset(kind, data_files=spec, split="train")
+    ds = load_dataset(spec, subset or None)
+    if split is None:
+        split = "test" if "test" in ds else "train" if "train" in ds else next(iter(ds))
+    if split not in ds:
+        raise ValueError(f"{spec} has no split {split!r}; it has {list(ds)}")
+    return ds[split]
+
+
+def pick_field(ds, wanted: str, candidates: tuple, what: str, source: str) -> str:
+    cols = ds.column_names
+    if wanted != "auto":
+        if wanted not in cols:
+            raise ValueError(f"{source}: no {what} field {wanted!r}; columns are {cols}")
+        return wanted
+    for c in candidates:
+        if c in cols:
+            return c
+    raise ValueError(f"{source}: found no {what} field among {candidates}; columns are {cols}; "
+                     f"set {what}_field in the config")
+
+
+def encode_prompt(tok, question: str, cfg: Config) -> list[int]:
+    text = cfg.prompt_template.format(question=question)
+    if cfg.chat_template and tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": text}],
+                                       add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(text)["input_ids"]
+
+
+def load_questions(spec: str, tok, cfg: Config, subset: str = "", split: str | None = None):
+    """(prompt ids, gold answers) of a dataset; prompts over max_prompt_tokens are dropped."""
+    ds = load_split(spec, subset, split)
+    q = pick_field(ds, cfg.question_field, QUESTION_FIELDS, "question", spec)
+    a = pick_field(ds, cfg.answer_field, ANSWER_FIELDS, "answer", spec)
+    prompts, answers = [], []
+    for row in ds:
+        question, answer = row[q], row[a]
+        if isinstance(question, list):  # chat-format prompt: take the last message's text
+            question = question[-1]["content"]
+        if not isinstance(question, str) or answer is None:
+            raise ValueError(f"{spec}: bad row, {q}={question!r} {a}={answer!r}")
+        ids = encode_prompt(tok, question, cfg)
+        if len(ids) <= cfg.max_prompt_tokens:
+            prompts.append(ids)
+            answers.append(str(answer))
+    if not prompts:
+        raise ValueError(f"{spec}: no usable questions (all longer than max_prompt_tokens?)")
+    return prompts, answers
+
+
+def batch_indices(step: int, n: int, cfg: Config, rank: int, world: int) -> list[int]:
+    """This rank's question indices for `step`: a seeded permutation per epoch,
+    so a resumed run sees exactly the batches an uninterrupted one would."""
+    out, Q = [], cfg.questions_per_step
+    for g in range(step * Q, (step + 1) * Q):
+        epoch, i = divmod(g, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        out.append(int(perm[i]))
+    return out[rank::world]
+
+
+# ----------------------------------------------------------------------------
+# Model
+
+def load_model(path: str, cfg: Config, device, trainable: bool):
+    """from_pretrained in float32 (the master weights), then FSDP2 with the
+    compute dtype as param_dtype: each decoder layer is its own shard unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if trainable else getattr(torch, cfg.dtype))
+    model.to(device)
+    if trainable and cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    if not trainable:
+        model.requires_grad_(False)
+    return model.train(trainable)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Keep every FSDP unit unsharded for a whole rollout: one all-gather per
+    unit per phase instead of one per decoded token (and no collectives while
+    ranks decode different numbers of tokens). Costs the full compute-dtype
+    weights on every GPU: 2 bytes x parameters."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+    model.set_reshard_after_forward(False)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        for m in units:
+            m.reshard()
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root's default
+
+
+# ----------------------------------------------------------------------------
+# Rollout, update
+
+def tree_config(cfg: Config) -> tree.TreeConfig:
+    return tree.TreeConfig(B0=cfg.B0, L=cfg.L, K=cfg.K, B=cfg.B, strategy=cfg.strategy,
+                           beta=cfg.beta, step_prob=cfg.step_prob, max_step_tokens=cfg.max_step_tokens)
+
+
+def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Pack sequences, longest first, so that rows x longest row <= budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[cur[0]] > budget:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + [cur] if cur else out
+
+
+def collate(trajs: list[tree.Trajectory], pad: int, device):
+    """Right-padded (B, T) ids and mask, and (B, T-1) tensors aligned to the
+    next-token log-probs: response mask, advantages, rollout log-probs."""
+    T = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    ids = torch.full((len(trajs), T), pad, dtype=torch.long)
+    attn = torch.zeros((len(trajs), T), dtype=torch.long)
+    resp = torch.zeros((len(trajs), T - 1))
+    adv = torch.zeros((len(trajs), T - 1))
+    for i, t in enumerate(trajs):
+        P, R = len(t.prompt_ids), len(t.response_ids)
+        ids[i, :P + R] = torch.tensor(t.prompt_ids + t.response_ids)
+        attn[i, :P + R] = 1
+        resp[i, P - 1:P + R - 1] = 1  # logp[:, t] scores ids[:, t + 1]
+        adv[i, P - 1:P + R - 1] = torch.tensor(ibtpo.token_advantages(t))
+    return ids.to(device), attn.to(device), resp.to(device), adv.to(device)
+
+
+def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int, device) -> dict:
+    """updates_per_batch optimizer steps over this rank's trajectories."""
+    stats = {"tokens": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "loss_sum": 0.0, "pad": 0.0, "cells": 0.0}
+    grad_norms = []
+    groups = [trajs[i::cfg.updates_per_batch] for i in range(cfg.updates_per_batch)]
+    for group in groups:
+        lengths = [len(t.prompt_ids) + len(t.response_ids) for t in group]
+        mbs = micro_batches(lengths, cfg.micro_batch_tokens)
+        n_tokens = sum(len(t.response_ids) for t in group)
+        n_seq = len(group)
+        norm = {"token-mean": n_tokens, "seq-mean-token-mean": n_seq,
+                "constant": n_seq * cfg.max_response_tokens}[cfg.loss_agg]
+        # the normalizer of the whole optimizer step, and an equal number of
+        # forward/backward passes on every rank (FSDP collectives must match)
+        norm = all_sum([norm], device)[0]
+        n_mb = all_max(len(mbs), device)
+        for j in range(n_mb):
+            dummy = j >= len(mbs)  # this rank ran out: a zero-weight pass keeps the collectives in step
+            batch = [group[0]] if dummy else [group[i] for i in mbs[j]]
+            ids, attn, resp, adv = collate(batch, tok.pad_token_id, device)
+            logp, ent = ibtpo.token_logprobs(model, ids, attn, temperature=cfg.temperature)
+            ref_logp = None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_logp, _ = ibtpo.token_logprobs(ref, ids, attn, temperature=cfg.temperature)
+            old = logp.detach()  # on-policy (see the module docstring)
+            loss, s = ibtpo.policy_loss(logp, old, adv, resp, max(norm, 1.0), eps_low=cfg.eps_low,
+                                        eps_high=cfg.eps_high, ref_logp=ref_logp, kl_coef=cfg.kl_coef,
+                                        agg=cfg.loss_agg, world_size=world)
+            (loss * (0.0 if dummy else 1.0)).backward()
+            if not dummy:
+                for k in ("tokens", "clipped", "loss_sum"):
+                    stats[k] += float(s[k])
+                stats["kl"] += float(s.get("kl", 0.0))
+                stats["entropy"] += float((ent.detach() * resp).sum())
+                stats["cells"] += float(attn.numel())
+                stats["pad"] += float(attn.numel() - attn.sum())
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norms.append(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    tot = dict(zip(stats, all_sum(list(stats.values()), device)))
+    n = max(tot["tokens"], 1.0)
+    return {"loss": tot["loss_sum"] / n, "kl": tot["kl"] / n, "clip_frac": tot["clipped"] / n,
+            "entropy": tot["entropy"] / n, "pad_frac": tot["pad"] / max(tot["cells"], 1.0),
+            "grad_norm": sum(grad_norms) / len(grad_norms), "train_tokens": tot["tokens"]}
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: avg@k with the training verifier
+
+def evaluate(model, tok, sets: dict, cfg: Config, rank: int, world: int, device) -> dict:
+    """avg@k accuracy per eval set: k samples per question, mean reward."""
+    sampling = tree.Sampling(cfg.eval_temperature, cfg.eval_top_p, cfg.top_k, cfg.max_response_tokens)
+    expand = functools.partial(tree.generate_expander, model, tok, sampling)
+    rows_per_call = max(cfg.questions_per_step // world * cfg.B0, cfg.eval_k)
+    out = {}
+    with gathered(model):
+        for name, (prompts, answers) in sets.items():
+            mine = list(range(rank, len(prompts), world))
+            jobs = [i for i in mine for _ in range(cfg.eval_k)]
+            correct = 0.0
+            for c in range(0, len(jobs), rows_per_call):
+                chunk = jobs[c:c + rows_per_call]
+                res = expand([prompts[i] for i in chunk], [cfg.max_response_tokens] * len(chunk))
+                texts = tok.batch_decode([ids for ids, _ in res], skip_special_tokens=True)
+                rewards, _ = reward.score_batch(texts, [answers[i] for i in chunk])
+                correct += sum(rewards)
+            total, n = all_sum([correct, len(jobs)], device)
+            out[f"eval/{name}"] = total / max(n, 1)
+    return out
+
+
+def load_eval_sets(tok, cfg: Config) -> dict:
+    sets = {}
+    for spec in cfg.eval_sets:
+        name = os.path.splitext(os.path.basename(spec.split("@")[0].rstrip("/")))[0]
+        prompts, answers = load_questions(spec, tok, cfg)
+        n = cfg.eval_max_questions or len(prompts)
+        sets[name] = (prompts[:n], answers[:n])
+    return sets
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: write to a temporary folder, then rename; `latest` names the last good one
+
+def save_checkpoint(model, optimizer, tok, cfg: Config, step: int, rank: int) -> str:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_state_dict)
+    root = os.path.join(cfg.run_dir, "checkpoints")
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    # 1. the model in Hugging Face format (gathered to rank 0 on the CPU)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(os.path.join(tmp, "hf"), state_dict=full)
+        tok.save_pretrained(os.path.join(tmp, "hf"))
+    del full
+    # 2. the resumable state: sharded model + optimizer (every rank writes its shard), RNG per rank
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "state"))
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rng_{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": step}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+        for old in done[:-cfg.keep_checkpoints]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(model, optimizer, cfg: Config, rank: int) -> int:
+    """Restore the latest good checkpoint of run_dir; returns its step (0: none)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    latest = os.path.join(cfg.run_dir, "checkpoints", "latest")
+    if not (cfg.resume and os.path.isfile(latest)):
+        return 0
+    with open(latest) as f:
+        path = os.path.join(cfg.run_dir, "checkpoints", f.read().strip())
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = torch.load(os.path.join(path, f"rng_{rank}.pt"), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)["step"]
+
+
+# ----------------------------------------------------------------------------
+# The loop
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv and "=" not in argv[0] else None
+    cfg = load_config(path, [a for a in argv if a is not path])
+    rank, world, device = setup_distributed()
+    if cfg.questions_per_step % world:
+        raise ValueError(f"config: questions_per_step ({cfg.questions_per_step}) must be a multiple "
+                         f"of the number of processes ({world})")
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    if rank == 0:
+        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    torch.manual_seed(cfg.seed + 1000 * rank)  # the rollouts' sampling RNG, one stream per rank
+    random.seed(cfg.seed + 1000 * rank)         # the branching strategies' RNG
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = load_model(cfg.model, cfg, device, trainable=not cfg.eval_only)
+    eval_sets = load_eval_sets(tok, cfg)
+
+    if cfg.eval_only:
+        res = evaluate(model, tok, eval_sets, cfg, rank, world, device)
+        if rank == 0:
+            print(json.dumps(res))
+            with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
+                json.dump(res, f)
+        return res
+
+    prompts, answers = load_questions(cfg.data, tok, cfg, cfg.data_subset, cfg.data_split)
+    total = cfg.steps or len(prompts) // cfg.questions_per_step
+    ref = load_model(cfg.model, cfg, device, trainable=False) if cfg.kl_coef > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warm)
+    step = load_checkpoint(model, optimizer, cfg, rank)
+    for _ in range(step * cfg.updates_per_batch):
+        scheduler.step()  # the schedule is a function of the step alone
+    metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if rank == 0:  # keep only the lines the restored state has seen
+        lines = open(metrics_path).read().splitlines() if os.path.isfile(metrics_path) and step else []
+        with open(metrics_path, "w") as f:
+            f.writelines(l + "\n" for l in lines if json.loads(l)["step"] <= step)
+    tcfg = tree_config(cfg)
+    sampling = tree.Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_response_tokens)
+    expand = functools.partial(tree.generate_expander, model, tok, sampling)
+
+    def log(row: dict):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    if eval_sets and step == 0:
+        log({"step": 0, **evaluate(model, tok, eval_sets, cfg, rank, world, device)})
+    bar = tqdm(range(step, total), initial=step, total=total, disable=rank != 0, desc="ib-tpo")
+    last = {}
+    for step in bar:
+        t0 = time.time()
+        idx = batch_indices(step, len(prompts), cfg, rank, world)
+        with gathered(model):
+            trees, verdicts = tree.grow([prompts[i] for i in idx], [answers[i] for i in idx], expand,
+                                        reward.score_batch, tok, tcfg, cfg.max_response_tokens, random)
+        t1 = time.time()
+        trajs = []
+        for t in trees:
+            ibtpo.compute_advantages(t, cfg.beta, cfg.lam, cfg.step_prob)
+            trajs += tree.trajectories(t)
+        train = update(model, ref, optimizer, scheduler, trajs, cfg, tok, world, device)
+        t2 = time.time()
+        # batch statistics: sums over ranks of per-rank means weighted by question count
+        s = tree.tree_stats(trees, tcfg)
+        keys = ["avg_rate", "eff_rate", "ib_score", "ib_exploration", "ib_exploitation", "cov_eta"]
+        summed = all_sum([s[k] for k in keys] + [s["gen_tokens"], s["trajectories"],
+                                                 verdicts.get("unparsed", 0), verdicts.get("timeout", 0)], device)
+        row = {"step": step + 1, **{k: v / world for k, v in zip(keys, summed)}}
+        row["reward_mean"] = row["avg_rate"]
+        row.update(gen_tokens=int(summed[6]), trajectories=int(summed[7]),
+                   traj_per_1k_tokens=1000 * summed[7] / max(summed[6], 1),
+                   unparsed=int(summed[8]), verifier_timeouts=int(summed[9]), **train,
+                   lr=scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_train=t2 - t1)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+            row.update(evaluate(model, tok, eval_sets, cfg, rank, world, device))
+        if step + 1 == total and eval_sets:
+            row.update(evaluate(model, tok, eval_sets, cfg, rank, world, device))
+        log(row)
+        last = row
+        if rank == 0:
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", eff=f"{row['eff_rate']:.2f}",
+                            ib=f"{row['ib_score']:.3f}")
+            if (step + 1) % cfg.log_every == 0:
+                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total:
+            save_checkpoint(model, optimizer, tok, cfg, step + 1, rank)
+        if step + 1 == total and rank == 0 and cfg.dump_trees:
+            with open(os.path.join(cfg.run_dir, "trees.txt"), "w") as f:
+                f.write("\n\n".join(tree.dump(t, tok, tcfg) for t in trees[:cfg.dump_trees]) + "\n")
+    return last
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
