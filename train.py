@@ -260,11 +260,12 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
             dummy = j >= len(mbs)  # this rank ran out: a zero-weight pass keeps the collectives in step
             batch = [group[0]] if dummy else [group[i] for i in mbs[j]]
             ids, attn, resp, adv = collate(batch, tok.pad_token_id, device)
-            logp, ent = ibtpo.token_logprobs(model, ids, attn, temperature=cfg.temperature)
+            logp, ent = ibtpo.token_logprobs(model, ids, attn, temperature=cfg.temperature, vocab_size=len(tok))
             ref_logp = None
             if ref is not None:
                 with torch.no_grad():
-                    ref_logp, _ = ibtpo.token_logprobs(ref, ids, attn, temperature=cfg.temperature)
+                    ref_logp, _ = ibtpo.token_logprobs(ref, ids, attn, temperature=cfg.temperature,
+                                                       vocab_size=len(tok))
             old = logp.detach()  # on-policy (see the module docstring)
             loss, s = ibtpo.policy_loss(logp, old, adv, resp, max(norm, 1.0), eps_low=cfg.eps_low,
                                         eps_high=cfg.eps_high, ref_logp=ref_logp, kl_coef=cfg.kl_coef,
