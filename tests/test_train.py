@@ -140,3 +140,40 @@ def test_torchrun_two_ranks_fsdp2(tiny_dir, math_jsonl, tmp_path):
     trained, initial = weights(out / "checkpoints/step_000002/hf"), weights(tiny_dir)
     assert set(trained) == set(initial)
     assert all(trained[k].shape == initial[k].shape for k in initial)
+
+
+def test_rollout_gathers_weights_once_not_per_token(tiny_dir, monkeypatch):
+    """Under FSDP2 a plain generate all-gathers every unit for every decoded
+    token; inside train.gathered the weights are gathered once per phase."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fpg
+    from config import load_config
+    import tree
+    from transformers import AutoTokenizer
+    train.setup_distributed()
+    cfg = load_config(CFG, [f"model={tiny_dir}", "data=x"])
+    model = train.load_model(tiny_dir, cfg, torch.device("cpu"), trainable=True)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    calls = []
+    real = fpg.FSDPParamGroup.unshard
+
+    def counting_unshard(group, *args, **kwargs):  # counts the unshards that gather (all-gather on > 1 rank)
+        if not group.is_unsharded and group._all_gather_result is None:
+            calls.append(1)
+        return real(group, *args, **kwargs)
+    monkeypatch.setattr(fpg.FSDPParamGroup, "unshard", counting_unshard)
+    sampling = tree.Sampling(temperature=1.0, top_p=1.0, top_k=0)
+    prefix = [tok("Compute 1+2.")["input_ids"]]
+    units = 1 + model.config.num_hidden_layers  # one FSDP unit per decoder layer, plus the root
+    tree.generate_expander(model, tok, sampling, prefix, [12])
+    per_token = len(calls)
+    assert per_token >= 10 * (units - 1)  # the decoder layers reshard after every forward
+    calls.clear()
+    with train.gathered(model):
+        at_start = len(calls)
+        tree.generate_expander(model, tok, sampling, prefix, [12])
+        tree.generate_expander(model, tok, sampling, prefix, [12])
+        assert len(calls) == at_start  # nothing gathered while decoding
+    assert 1 <= at_start <= units  # once per unit (the root may still hold its weights)
+    calls.clear()
+    tree.generate_expander(model, tok, sampling, prefix, [12])
+    assert len(calls) >= 10 * (units - 1)  # resharded again after the phase
