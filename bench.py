@@ -2,10 +2,15 @@
 
     python bench.py reward [--n 1000] [--workers 2]   # score_batch throughput (answers/s)
     python bench.py sampler [--model toy|smollm|PATH]  # trajectories per 1,000 generated tokens
+    python bench.py rollout [--model tiny|qwen2.5-1.5b]  # expander vs plain generate; IBTree vs GRPO wall time
+    python bench.py train [--model tiny|qwen2.5-1.5b]    # training tokens/s, MFU (GPU), peak memory
+    python bench.py overhead                             # share of step time outside the model (toy config)
 
 Figures go in README's performance section; nothing here is a timed test.
 """
 import argparse
+import contextlib
+import json
 import os
 import platform
 import random
@@ -140,6 +145,205 @@ def bench_sampler(args):
     print(f"  ratio ib / G=8: {ib['traj_per_1k_tokens'] / g8['traj_per_1k_tokens']:.2f}x trajectories per token, "
           f"{ib['gen_tokens'] / g8['gen_tokens']:.2f}x tokens (paper: about 1.5x and 1.02x)")
 
+# ---------------------------------------------------------------- rollout, train, overhead
+
+PEAK = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12), "A100": (2.0e12, 312e12)}  # bytes/s, bf16 FLOP/s
+
+
+def bench_model(name, device):
+    """A random-init model: "tiny" (the tests' shape) or "qwen2.5-1.5b" (the real
+    Qwen2.5-1.5B shape, for GPU runs); the toy byte tokenizer drives both."""
+    import torch
+    import toy
+    tok = toy.build_tokenizer()
+    if name == "tiny":
+        model = toy.build_model(tok)
+    elif name == "qwen2.5-1.5b":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        cfg = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                          num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                          rope_theta=1e6, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg)
+    else:
+        raise SystemExit(f"unknown model {name}")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def never_stop(model, tok):
+    """Forced lengths: EOS can never be sampled, so every row runs to its cap."""
+    eos = tok.eos_token_id
+
+    def hook(module, inputs, out):
+        out[..., eos] = -float("inf")
+        return out
+    model.lm_head.register_forward_hook(hook)
+
+
+def sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def hardware(device):
+    import torch
+    if device.type != "cuda":
+        return None, None, machine()
+    name = torch.cuda.get_device_name(device)
+    bw, flops = next((v for k, v in PEAK.items() if k in name), (None, None))
+    return bw, flops, name
+
+
+def bench_rollout(args):
+    """(a) decode tokens/s of tree.generate_expander against one plain generate at
+    the same batch and length; (b) wall time of a whole IBTree (4,9,1,1) batch
+    against GRPO G = 8 on the same questions, forced lengths."""
+    import functools
+    import torch
+    import tree
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = bench_model(args.model, device)
+    never_stop(model, tok)
+    bw, _, hw = hardware(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    prompt = tok("Compute 7+5-3+8.")["input_ids"] * 4
+    rows, T = args.rows, args.tokens
+    s = tree.Sampling(temperature=0.7, top_p=0.95, top_k=20, max_response_tokens=T)
+    ids = torch.tensor([prompt] * rows, device=device)
+    for _ in range(2):  # warm-up, then measure: plain generate vs the expander
+        sync(device); t0 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=T,
+                       temperature=0.7, top_p=0.95, top_k=20, pad_token_id=tok.pad_token_id)
+        sync(device); t1 = time.perf_counter()
+        tree.generate_expander(model, tok, s, [prompt] * rows, [T] * rows)
+        sync(device); t2 = time.perf_counter()
+    plain, ours = rows * T / (t1 - t0), rows * T / (t2 - t1)
+    print(f"rollout: {args.model} ({n_params / 1e6:.2f}M params) on {hw}, {rows} rows x {T} new tokens")
+    print(f"  (a) plain generate {plain:,.0f} tok/s   expander {ours:,.0f} tok/s   ratio {ours / plain:.2f}")
+    if bw:
+        kv = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
+            (model.config.hidden_size // model.config.num_attention_heads) * 2
+        per_step = 2 * n_params + rows * (len(prompt) + T / 2) * kv  # weights + mean KV read per decode step
+        limit = rows * bw / per_step
+        print(f"      memory-bound limit {limit:,.0f} tok/s: expander at {ours / limit:.0%} of it")
+    expand = functools.partial(tree.generate_expander, model, tok, s)
+    prompts = [tok(f"Compute {i}+{i + 3}-2.")["input_ids"] for i in range(args.questions)]
+    fake = lambda texts, answers: ([float(len(t) % 2) for t in texts], {})
+    res = {}
+    for name, cfg in [("ib (4,9,1,1)", tree.TreeConfig(B0=4, L=9, strategy="ib", max_step_tokens=args.step)),
+                      ("GRPO G=8", tree.TreeConfig(B0=8, L=1, strategy="independent", max_step_tokens=args.step))]:
+        torch.manual_seed(0)
+        sync(device); t0 = time.perf_counter()
+        trees, _ = tree.grow(prompts, ["1"] * len(prompts), expand, fake, tok, cfg, T, random.Random(0))
+        sync(device)
+        res[name] = (time.perf_counter() - t0, tree.tree_stats(trees, cfg)["gen_tokens"])
+        print(f"  (b) {name:14s} {res[name][0]:7.2f} s  {res[name][1]:7d} generated tokens  "
+              f"({args.questions} questions, steps of {args.step} tokens)")
+    (ti, ni), (tg, ng) = res["ib (4,9,1,1)"], res["GRPO G=8"]
+    print(f"      IBTree / GRPO: wall time {ti / tg:.2f}x, generated tokens {ni / ng:.2f}x, "
+          f"wall time per token {(ti / ni) / (tg / ng):.2f}x (target: wall time within 1.3x)")
+
+
+def bench_train(args):
+    """One optimizer step (forward, backward, AdamW) on rows x length tokens."""
+    import torch
+    import ibtpo
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = bench_model(args.model, device)
+    model.float().train()  # float32 master weights; bf16 autocast on GPU
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    n_params = sum(p.numel() for p in model.parameters())
+    _, flops, hw = hardware(device)
+    B, T = args.rows, args.length
+    ids = torch.randint(2, len(tok), (B, T), device=device)
+    attn = torch.ones_like(ids)
+    mask = torch.ones(B, T - 1, device=device)
+    adv = torch.randn(B, 1, device=device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    times = []
+    for _ in range(3):
+        sync(device); t0 = time.perf_counter()
+        with ctx:
+            logp, _ = ibtpo.token_logprobs(model, ids, attn, vocab_size=len(tok))
+        loss, _ = ibtpo.policy_loss(logp, logp.detach(), adv, mask, float(mask.sum()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device); times.append(time.perf_counter() - t0)
+    dt = min(times[1:])
+    tps = B * T / dt
+    print(f"train: {args.model} ({n_params / 1e6:.2f}M params) on {hw}, {B} x {T} tokens, "
+          f"checkpointing={args.checkpointing}: {tps:,.0f} tokens/s ({dt:.2f} s per step)")
+    if flops:
+        mult = 8 if args.checkpointing else 6  # forward + backward (+ recomputed forward)
+        print(f"  MFU {mult * n_params * tps / flops:.1%} of {flops / 1e12:.0f} TFLOP/s bf16 "
+              f"(model FLOPs {6 * n_params * tps / flops:.1%} without the recompute); "
+              f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    else:
+        import resource
+        print(f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+def bench_overhead(args):
+    """Where a toy-config step spends its time: the model (generate, forward and
+    backward) against tree bookkeeping, IB-Scores, advantages and the verifier."""
+    import functools
+    import torch
+    import ibtpo
+    import reward
+    import tree
+    import toy
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = toy.prepare(args.toy_dir, seed=0)
+    tok = AutoTokenizer.from_pretrained(os.path.join(folder, "model"))
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "model"), dtype=torch.float32)
+    qa = [json.loads(line) for line in open(os.path.join(folder, "train.jsonl"))][:args.questions]
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": r["question"]}], add_generation_prompt=True,
+                                           tokenize=False), add_special_tokens=False)["input_ids"] for r in qa]
+    spent = {"generate": 0.0, "verify": 0.0}
+
+    def timed(key, fn):
+        def run(*a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            spent[key] += time.perf_counter() - t0
+            return out
+        return run
+    s = tree.Sampling(temperature=0.7, top_p=1.0, top_k=0, max_response_tokens=args.max_tokens)
+    expand = timed("generate", functools.partial(tree.generate_expander, model.eval(), tok, s))
+    cfg = tree.TreeConfig(B0=4, L=9, strategy="ib")
+    reward.score_batch(["\\boxed{1}"], ["1"])  # start the verifier's workers outside the timing
+    t0 = time.perf_counter()
+    trees, _ = tree.grow(prompts, [r["answer"] for r in qa], expand, timed("verify", reward.score_batch), tok,
+                         cfg, args.max_tokens, random.Random(0))
+    t1 = time.perf_counter()
+    for t in trees:
+        ibtpo.compute_advantages(t, cfg.beta, 0.1)
+    trajs = [x for t in trees for x in tree.trajectories(t)]
+    tree.tree_stats(trees, cfg)
+    t2 = time.perf_counter()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    import train as trainer
+    ids, attn, resp, adv = trainer.collate(trajs, tok.pad_token_id, torch.device("cpu"))
+    t3 = time.perf_counter()
+    logp, _ = ibtpo.token_logprobs(model, ids, attn, vocab_size=len(tok))
+    loss, _ = ibtpo.policy_loss(logp, logp.detach(), adv, resp, float(resp.sum()))
+    loss.backward()
+    opt.step()
+    t4 = time.perf_counter()
+    total = t4 - t0
+    bookkeeping = (t1 - t0 - spent["generate"] - spent["verify"]) + (t2 - t1) + (t3 - t2)
+    print(f"overhead: toy model, {len(prompts)} questions, IBTree (4,9,1,1), on {machine()}")
+    for name, v in [("generate (model)", spent["generate"]), ("train step (model)", t4 - t3),
+                    ("verifier", spent["verify"]), ("tree bookkeeping, IB-Scores, advantages, collate", bookkeeping)]:
+        print(f"  {name:50s} {v:7.3f} s  {v / total:6.1%}")
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,6 +359,24 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--toy-dir", default="runs/toy_data")
     p.set_defaults(func=bench_sampler)
+    p = sub.add_parser("rollout", help="expander vs plain generate; IBTree vs GRPO rollout wall time")
+    p.add_argument("--model", default="tiny", help="tiny or qwen2.5-1.5b (random init, real shape)")
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--questions", type=int, default=8)
+    p.add_argument("--step", type=int, default=16, help="max_step_tokens (random text has no \\n\\n)")
+    p.set_defaults(func=bench_rollout)
+    p = sub.add_parser("train", help="training tokens/s of one optimizer step")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--checkpointing", action="store_true")
+    p.set_defaults(func=bench_train)
+    p = sub.add_parser("overhead", help="share of a toy step's time outside the model")
+    p.add_argument("--questions", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--toy-dir", default="runs/toy_data")
+    p.set_defaults(func=bench_overhead)
     args = parser.parse_args()
     args.func(args)
 

@@ -407,6 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
                    traj_per_1k_tokens=1000 * summed[7] / max(summed[6], 1),
                    unparsed=int(summed[8]), verifier_timeouts=int(summed[9]), **train,
                    lr=scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_train=t2 - t1)
+        if device.type == "cuda":
+            row["peak_mem_gb"] = all_max(torch.cuda.max_memory_allocated(device), device) / 2**30
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
             row.update(evaluate(model, tok, eval_sets, cfg, rank, world, device))
         if step + 1 == total and eval_sets:
