@@ -8,7 +8,7 @@ import torch
 
 import ib_score
 import tree
-from tree import Node, Sampling, Tree, TreeConfig
+from tree import Sampling, Tree, TreeConfig
 
 CAP = 48
 
