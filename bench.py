@@ -5,6 +5,7 @@
     python bench.py rollout [--model tiny|qwen2.5-1.5b]  # expander vs plain generate; IBTree vs GRPO wall time
     python bench.py train [--model tiny|qwen2.5-1.5b]    # training tokens/s, MFU (GPU), peak memory
     python bench.py overhead                             # share of step time outside the model (toy config)
+    python bench.py toy [--seeds 0 1 2]                  # the small-scale reproduction table (README)
 
 Figures go in README's performance section; nothing here is a timed test.
 """
@@ -111,7 +112,8 @@ def bench_sampler(args):
         path = smollm_folder()
     elif args.model == "toy":
         import toy
-        path = os.path.join(toy.prepare(args.toy_dir, seed=0), "model")
+        toy.prepare(args.toy_dir, seed=0)
+        path = os.path.join(args.toy_dir, "model")
     else:
         path = args.model
     tok = AutoTokenizer.from_pretrained(path)
@@ -299,7 +301,8 @@ def bench_overhead(args):
     import tree
     import toy
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = toy.prepare(args.toy_dir, seed=0)
+    toy.prepare(args.toy_dir, seed=0)
+    folder = args.toy_dir
     tok = AutoTokenizer.from_pretrained(os.path.join(folder, "model"))
     model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "model"), dtype=torch.float32)
     qa = [json.loads(line) for line in open(os.path.join(folder, "train.jsonl"))][:args.questions]
@@ -345,6 +348,53 @@ def bench_overhead(args):
         print(f"  {name:50s} {v:7.3f} s  {v / total:6.1%}")
 
 
+TOY_METHODS = {  # the same toy task and step count; GRPO's G = 8 costs about IBTree's 12 in tokens
+    "GRPO (independent, G=8, lam=0)": ["strategy=independent", "B0=8", "L=1", "lam=0.0"],
+    "IBTree, outcome advantage only (lam=0)": ["strategy=ib", "B0=4", "L=9", "lam=0.0"],
+    "IB-TPO (IBTree + A_IB, lam=0.1)": ["strategy=ib", "B0=4", "L=9", "lam=0.1"],
+}
+
+
+def bench_toy(args):
+    """Each method x seed is one `python train.py configs/toy.yaml ...` run
+    (subprocess, same warm start); the table averages over seeds."""
+    import statistics
+    import subprocess
+    import sys
+    import toy
+    toy.prepare(args.toy_dir, seed=0)
+    print(f"toy reproduction: configs/toy.yaml, seeds {args.seeds}, on {machine()}")
+    table = []
+    for name, overrides in TOY_METHODS.items():
+        runs = []
+        for seed in args.seeds:
+            run_dir = os.path.join(args.out, f"{overrides[0].split('=')[1]}_lam{overrides[-1].split('=')[1]}_s{seed}")
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "train.py", "configs/toy.yaml", *overrides, f"seed={seed}",
+                            f"run_dir={run_dir}", "resume=false", *args.extra], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+            steps = [r for r in rows if "reward_mean" in r]
+            evals = [(r["step"], r["eval/eval"]) for r in rows if "eval/eval" in r]
+            runs.append({"before": evals[0][1], "mid": evals[1][1] if len(evals) > 2 else float("nan"),
+                         "after": evals[-1][1], "eff": statistics.mean(r["eff_rate"] for r in steps),
+                         "cov": statistics.mean(r["cov_eta"] for r in steps),
+                         "tokens": sum(r["gen_tokens"] for r in steps),
+                         "traj": sum(r["trajectories"] for r in steps), "time": time.perf_counter() - t0,
+                         "mid_step": evals[1][0] if len(evals) > 2 else None})
+            print(f"  {name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in runs[-1].items()))
+        avg = lambda k: statistics.mean(r[k] for r in runs)
+        sd = lambda k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0
+        table.append(f"| {name} | {avg('before'):.3f} | {avg('mid'):.3f} ± {sd('mid'):.3f} | "
+                     f"{avg('after'):.3f} ± {sd('after'):.3f} | {avg('eff'):.3f} | {avg('cov'):.4f} | "
+                     f"{avg('tokens'):,.0f} | {avg('traj'):,.0f} | {avg('time'):.0f} s |")
+    print(f"\n| method | held-out acc. before | at step {runs[0]['mid_step']} | after | Eff-Rate (mean) | "
+          f"Cov(eta1, eta2) (mean) | generated tokens | trajectories | wall time |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(table))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -377,6 +427,12 @@ def main():
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--toy-dir", default="runs/toy_data")
     p.set_defaults(func=bench_overhead)
+    p = sub.add_parser("toy", help="GRPO vs IBTree vs IB-TPO on the toy task, several seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--toy-dir", default="runs/toy_data")
+    p.add_argument("--out", default="runs/toy_repro")
+    p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
+    p.set_defaults(func=bench_toy)
     args = parser.parse_args()
     args.func(args)
 

@@ -324,6 +324,33 @@ def load_eval_sets(tok, cfg: Config) -> dict:
     return sets
 
 
+def plot_metrics(run_dir: str) -> str | None:
+    """run_dir/metrics.png: reward, Eff-Rate, IB-Score and held-out accuracy
+    over steps. matplotlib is optional: without it, no picture."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("reward_mean", "eff_rate", "ib_score"):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), label=key) if pts else None
+    for key in sorted({k for r in rows for k in r if k.startswith("eval/")}):
+        ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), "o--", label=key)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(run_dir, "metrics.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------
 # The loop
 
@@ -425,6 +452,12 @@ def main(argv: list[str] | None = None) -> dict:
         if step + 1 == total and rank == 0 and cfg.dump_trees:
             with open(os.path.join(cfg.run_dir, "trees.txt"), "w") as f:
                 f.write("\n\n".join(tree.dump(t, tok, tcfg) for t in trees[:cfg.dump_trees]) + "\n")
+    if rank == 0:
+        plot_metrics(cfg.run_dir)
+        if eval_sets and last:
+            first = json.loads(open(metrics_path).readline())
+            for k in sorted(k for k in last if k.startswith("eval/")):
+                print(f"{k}: {first.get(k, float('nan')):.3f} before training -> {last[k]:.3f} after {total} steps")
     return last
 
 
