@@ -102,11 +102,11 @@ def arithmetic_questions(n, seed=0, n_terms=(3, 4)):
 def bench_sampler(args):
     """Same prompts, same sampling: IBTree (4,9,1,1) with `ib` against independent
     sampling with G = 8 and G = 12; generated tokens count decoded tokens only."""
-    import functools
     import torch
     import reward
     import tree
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    import engine
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     if args.model == "smollm":
         path = smollm_folder()
@@ -125,7 +125,6 @@ def bench_sampler(args):
                                        tokenize=False) for q, _ in qa]
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     sampling = tree.Sampling(temperature=0.7, top_p=0.95, top_k=20, max_response_tokens=args.max_tokens)
-    expand = functools.partial(tree.generate_expander, model, tok, sampling)
     settings = [("ib (4,9,1,1)", tree.TreeConfig(B0=4, L=9, K=1, B=1, strategy="ib")),
                 ("independent G=8", tree.TreeConfig(B0=8, L=1, strategy="independent")),
                 ("independent G=12", tree.TreeConfig(B0=12, L=1, strategy="independent"))]
@@ -135,8 +134,8 @@ def bench_sampler(args):
     for name, cfg in settings:
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        trees, _ = tree.grow(prompts, [a for _, a in qa], expand, reward.score_batch, tok, cfg,
-                             args.max_tokens, random.Random(args.seed))
+        trees, _ = tree.grow(prompts, [a for _, a in qa], engine.Decoder(model, tok, sampling), reward.score_batch,
+                             tok, cfg, args.max_tokens, random.Random(args.seed))
         s = tree.tree_stats(trees, cfg)
         s["time"] = time.perf_counter() - start
         rows[name] = s
@@ -200,11 +199,13 @@ def hardware(device):
 
 
 def bench_rollout(args):
-    """(a) decode tokens/s of tree.generate_expander against one plain generate at
-    the same batch and length; (b) wall time of a whole IBTree (4,9,1,1) batch
-    against GRPO G = 8 on the same questions, forced lengths."""
+    """(a) decode tokens/s of tree.generate_expander and engine.Decoder against
+    one plain generate at the same batch and length; (b) wall time of a whole
+    IBTree (4,9,1,1) batch against GRPO G = 8 on the same questions, forced
+    lengths, with each engine."""
     import functools
     import torch
+    import engine
     import tree
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = bench_model(args.model, device)
@@ -215,38 +216,55 @@ def bench_rollout(args):
     rows, T = args.rows, args.tokens
     s = tree.Sampling(temperature=0.7, top_p=0.95, top_k=20, max_response_tokens=T)
     ids = torch.tensor([prompt] * rows, device=device)
-    for _ in range(2):  # warm-up, then measure: plain generate vs the expander
+
+    def drain(dec):
+        while dec.busy():
+            dec.step()
+    for _ in range(2):  # warm-up, then measure: plain generate, the expander, the decoder
         sync(device); t0 = time.perf_counter()
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=T,
                        temperature=0.7, top_p=0.95, top_k=20, pad_token_id=tok.pad_token_id)
         sync(device); t1 = time.perf_counter()
         tree.generate_expander(model, tok, s, [prompt] * rows, [T] * rows)
         sync(device); t2 = time.perf_counter()
-    plain, ours = rows * T / (t1 - t0), rows * T / (t2 - t1)
+        dec = engine.Decoder(model, tok, s, max_rows=rows)
+        for i in range(rows):
+            dec.submit(i, prompt, T)
+        drain(dec)
+        sync(device); t3 = time.perf_counter()
+    plain, ours, cb = rows * T / (t1 - t0), rows * T / (t2 - t1), rows * T / (t3 - t2)
     print(f"rollout: {args.model} ({n_params / 1e6:.2f}M params) on {hw}, {rows} rows x {T} new tokens")
-    print(f"  (a) plain generate {plain:,.0f} tok/s   expander {ours:,.0f} tok/s   ratio {ours / plain:.2f}")
+    print(f"  (a) plain generate {plain:,.0f} tok/s   expander {ours:,.0f} tok/s ({ours / plain:.2f}x)   "
+          f"decoder {cb:,.0f} tok/s ({cb / plain:.2f}x)")
     if bw:
         kv = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
             (model.config.hidden_size // model.config.num_attention_heads) * 2
         per_step = 2 * n_params + rows * (len(prompt) + T / 2) * kv  # weights + mean KV read per decode step
         limit = rows * bw / per_step
-        print(f"      memory-bound limit {limit:,.0f} tok/s: expander at {ours / limit:.0%} of it")
-    expand = functools.partial(tree.generate_expander, model, tok, s)
+        print(f"      memory-bound limit {limit:,.0f} tok/s: expander at {ours / limit:.0%}, "
+              f"decoder at {cb / limit:.0%} of it")
     prompts = [tok(f"Compute {i}+{i + 3}-2.")["input_ids"] for i in range(args.questions)]
     fake = lambda texts, answers: ([float(len(t) % 2) for t in texts], {})
+    engines = {"lockstep": lambda: engine.Lockstep(functools.partial(tree.generate_expander, model, tok, s)),
+               "decoder": lambda: engine.Decoder(model, tok, s, max_rows=args.max_rows)}
+    print(f"  (b) {args.questions} questions, steps of {args.step} tokens, decoder pool {args.max_rows} rows")
     res = {}
-    for name, cfg in [("ib (4,9,1,1)", tree.TreeConfig(B0=4, L=9, strategy="ib", max_step_tokens=args.step)),
-                      ("GRPO G=8", tree.TreeConfig(B0=8, L=1, strategy="independent", max_step_tokens=args.step))]:
-        torch.manual_seed(0)
-        sync(device); t0 = time.perf_counter()
-        trees, _ = tree.grow(prompts, ["1"] * len(prompts), expand, fake, tok, cfg, T, random.Random(0))
-        sync(device)
-        res[name] = (time.perf_counter() - t0, tree.tree_stats(trees, cfg)["gen_tokens"])
-        print(f"  (b) {name:14s} {res[name][0]:7.2f} s  {res[name][1]:7d} generated tokens  "
-              f"({args.questions} questions, steps of {args.step} tokens)")
-    (ti, ni), (tg, ng) = res["ib (4,9,1,1)"], res["GRPO G=8"]
-    print(f"      IBTree / GRPO: wall time {ti / tg:.2f}x, generated tokens {ni / ng:.2f}x, "
-          f"wall time per token {(ti / ni) / (tg / ng):.2f}x (target: wall time within 1.3x)")
+    for eng in engines:
+        for name, cfg in [("ib (4,9,1,1)", tree.TreeConfig(B0=4, L=9, strategy="ib", max_step_tokens=args.step)),
+                          ("GRPO G=8", tree.TreeConfig(B0=8, L=1, strategy="independent",
+                                                       max_step_tokens=args.step))]:
+            torch.manual_seed(0)
+            sync(device); t0 = time.perf_counter()
+            trees, _ = tree.grow(prompts, ["1"] * len(prompts), engines[eng](), fake, tok, cfg, T, random.Random(0))
+            sync(device)
+            res[eng, name] = (time.perf_counter() - t0, tree.tree_stats(trees, cfg)["gen_tokens"])
+            print(f"      {eng:8s} {name:14s} {res[eng, name][0]:7.2f} s  {res[eng, name][1]:7d} generated tokens")
+    for eng in engines:
+        (ti, ni), (tg, ng) = res[eng, "ib (4,9,1,1)"], res[eng, "GRPO G=8"]
+        print(f"      {eng:8s} IBTree / GRPO: wall time {ti / tg:.2f}x, generated tokens {ni / ng:.2f}x, "
+              f"wall time per token {(ti / ni) / (tg / ng):.2f}x (target: wall time within 1.3x)")
+    print(f"      decoder / lockstep wall time: IBTree {res['decoder', 'ib (4,9,1,1)'][0] / res['lockstep', 'ib (4,9,1,1)'][0]:.2f}x, "
+          f"GRPO {res['decoder', 'GRPO G=8'][0] / res['lockstep', 'GRPO G=8'][0]:.2f}x")
 
 
 def bench_train(args):
@@ -294,8 +312,8 @@ def bench_train(args):
 def bench_overhead(args):
     """Where a toy-config step spends its time: the model (generate, forward and
     backward) against tree bookkeeping, IB-Scores, advantages and the verifier."""
-    import functools
     import torch
+    import engine
     import ibtpo
     import reward
     import tree
@@ -318,16 +336,17 @@ def bench_overhead(args):
             return out
         return run
     s = tree.Sampling(temperature=0.7, top_p=1.0, top_k=0, max_response_tokens=args.max_tokens)
-    expand = timed("generate", functools.partial(tree.generate_expander, model.eval(), tok, s))
+    rollout = engine.Decoder(model.eval(), tok, s)
+    rollout.step = timed("generate", rollout.step)
     cfg = tree.TreeConfig(B0=4, L=9, strategy="ib")
     reward.score_batch(["\\boxed{1}"], ["1"])  # start the verifier's workers outside the timing
     t0 = time.perf_counter()
-    trees, _ = tree.grow(prompts, [r["answer"] for r in qa], expand, timed("verify", reward.score_batch), tok,
+    trees, _ = tree.grow(prompts, [r["answer"] for r in qa], rollout, timed("verify", reward.score_batch), tok,
                          cfg, args.max_tokens, random.Random(0))
     t1 = time.perf_counter()
     for t in trees:
         ibtpo.compute_advantages(t, cfg.beta, 0.1)
-    trajs = [x for t in trees for x in tree.trajectories(t)]
+    trajs = [x for t in trees for x in ibtpo.trajectories(t)]
     tree.tree_stats(trees, cfg)
     t2 = time.perf_counter()
     model.train()
@@ -342,14 +361,14 @@ def bench_overhead(args):
     t4 = time.perf_counter()
     total = t4 - t0
     bookkeeping = (t1 - t0 - spent["generate"] - spent["verify"]) + (t2 - t1) + (t3 - t2)
-    print(f"overhead: toy model, {len(prompts)} questions, IBTree (4,9,1,1), on {machine()}")
-    for name, v in [("generate (model)", spent["generate"]), ("train step (model)", t4 - t3),
+    print(f"overhead: toy model, {len(prompts)} questions, IBTree (4,9,1,1), engine.Decoder, on {machine()}")
+    for name, v in [("decode (model)", spent["generate"]), ("train step (model)", t4 - t3),
                     ("verifier", spent["verify"]), ("tree bookkeeping, IB-Scores, advantages, collate", bookkeeping)]:
         print(f"  {name:50s} {v:7.3f} s  {v / total:6.1%}")
 
 
-TOY_METHODS = {  # the same toy task and step count; GRPO's G = 8 costs about IBTree's 12 in tokens
-    "GRPO (independent, G=8, lam=0)": ["strategy=independent", "B0=8", "L=1", "lam=0.0"],
+TOY_METHODS = {  # the same toy task and generated-token budget: GRPO's 8 responses cost ~0.77x IBTree's 12
+    "GRPO (independent, G=8, lam=0)": ["strategy=independent", "B0=8", "L=1", "steps=78", "lam=0.0"],
     "IBTree, outcome advantage only (lam=0)": ["strategy=ib", "B0=4", "L=9", "lam=0.0"],
     "IB-TPO (IBTree + A_IB, lam=0.1)": ["strategy=ib", "B0=4", "L=9", "lam=0.1"],
 }
@@ -415,6 +434,7 @@ def main():
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--questions", type=int, default=8)
     p.add_argument("--step", type=int, default=16, help="max_step_tokens (random text has no \\n\\n)")
+    p.add_argument("--max-rows", type=int, default=256, help="engine.Decoder pool size")
     p.set_defaults(func=bench_rollout)
     p = sub.add_parser("train", help="training tokens/s of one optimizer step")
     p.add_argument("--model", default="tiny")

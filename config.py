@@ -43,6 +43,8 @@ class Config:
     top_p: float = 0.95
     top_k: int = 20                      # 0 disables
     max_response_tokens: int = 2048
+    rollout_engine: str = "decoder"      # decoder: continuous batching (engine.py) | lockstep: one generate per round
+    max_rows: int = 256                  # decoder: sequences decoded together per rank
     # --- advantages and loss (sections 5, 6)
     lam: float = 0.1                     # weight of A_IB in A = A_GL + lam * A_IB
     eps_low: float = 0.2
@@ -85,10 +87,11 @@ class Config:
         need(self.dtype in ("bfloat16", "float16", "float32"), "dtype", "must be bfloat16, float16 or float32")
         need(self.strategy in tree.STRATEGIES, "strategy", f"must be one of {sorted(tree.STRATEGIES)}")
         need(self.step_prob in ("mean", "joint"), "step_prob", "must be mean or joint")
+        need(self.rollout_engine in ("decoder", "lockstep"), "rollout_engine", "must be decoder or lockstep")
         need(self.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"), "loss_agg",
              "must be token-mean, seq-mean-token-mean or constant")
         for k in ("B0", "L", "K", "B", "questions_per_step", "updates_per_batch", "micro_batch_tokens",
-                  "max_response_tokens", "eval_k", "log_every", "keep_checkpoints"):
+                  "max_response_tokens", "eval_k", "log_every", "keep_checkpoints", "max_rows"):
             need(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("steps", "max_step_tokens", "top_k", "save_every", "eval_every", "warmup_steps", "kl_coef",
                   "weight_decay", "grad_clip", "eval_max_questions", "dump_trees"):

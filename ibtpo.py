@@ -36,15 +36,46 @@ DECISIONs taken here (where PAPER.md is silent or leaves a choice):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tree import Node, Trajectory, Tree, step_prob
+from tree import Node, Tree, step_prob
 
 GL_STD_UNBIASED = False  # population std for Eq. GL (GRPO's); True = sample std
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "constant")
+
+
+# --------------------------------------------------------------------------
+# Trajectories: the loss's view of a tree
+# --------------------------------------------------------------------------
+
+@dataclass
+class Trajectory:
+    """One root-to-leaf path, ready for the loss."""
+    prompt_ids: list[int]
+    response_ids: list[int]             # (T,) generated ids, root to leaf
+    old_logps: list[float]              # (T,) rollout log-probs of response_ids
+    step_index: list[int]               # (T,) index into `steps` of each response token
+    steps: list[Node]                   # the step nodes on the path, root's child first
+    reward: float
+    tree: Tree
+
+
+def trajectories(tree: Tree) -> list[Trajectory]:
+    """One Trajectory per leaf of `tree`."""
+    out = []
+    for leaf in tree.leaves():
+        steps = leaf.path()
+        ids, logps, index = [], [], []
+        for i, s in enumerate(steps):
+            ids += s.ids
+            logps += s.logps
+            index += [i] * len(s.ids)
+        out.append(Trajectory(tree.prompt_ids, ids, logps, index, steps, float(leaf.reward or 0.0), tree))
+    return out
 
 
 # --------------------------------------------------------------------------

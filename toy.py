@@ -27,17 +27,11 @@ arithmetic past the budget on some seeds. The policy ends up knowing the
 arithmetic (greedy decoding ~98-100% right) but with a habit of slipping at
 identifiable steps, which step-level credit assignment has to remove.
 
-Measured on 2 shared CPU cores (`python toy.py prepare --seed S`; 200 held-out
-problems at temperature 0.7, top_p 1, top_k 0; `python toy.py eval` for the rest):
-
-  seed  warm start  accuracy (1 sample)  (8 samples)  greedy
-   0     34-42 s          0.415             0.400      0.980
-   1       41 s           0.485             0.519      0.975
-   2       41 s           0.510             0.494      1.000
-
-prepare takes about 45 s in all; a second call is cached (~5 s, imports).
-configs/toy.yaml (IB-TPO, 16 questions per step) then took the seed-0 model
-from 0.38 to 0.83 held-out avg@4 in 30 steps, 45 s.
+Measured here (2 cores, `python toy.py prepare`, seed 0, 2026-11-26): warm
+start 37 s; held-out accuracy at temperature 0.7 (top_p 1, top_k 0) 0.310 over
+the 200 problems, one sample each. A second prepare is cached (~5 s, imports).
+`python train.py configs/toy.yaml` (IB-TPO, 60 steps of 16 questions) then
+trains it; the README gives the three-seed figures.
 """
 import argparse
 import json

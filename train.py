@@ -8,15 +8,17 @@
 
 Every step (PAPER.md sections 4-6):
   1. rollout: each rank grows IBTrees (B0, L, K, B) for its share of the
-     questions (tree.grow: one batched generate per round), verified by reward.py;
+     questions (tree.grow on engine.Decoder, a continuous-batching decode loop,
+     or engine.Lockstep, one batched generate per round), verified by reward.py;
   2. advantages: A = A_GL + lam * A_IB per step node (ibtpo.compute_advantages);
   3. update: the clipped surrogate with k3 KL (Eq. LOSS) over every root-to-leaf
      trajectory, micro-batched by a token budget, normalised over the whole
      optimizer step across micro-batches and ranks.
 
 Simplifications against the paper (which used verl + vLLM on 8 x A100):
-  - Rollouts use HF generate (one batched call per round) on the training
-    weights, gathered once per rollout phase: no separate inference engine.
+  - Rollouts run on the training weights, gathered once per rollout phase, with
+    engine.Decoder (continuous batching over one KV cache, no paged attention or
+    prefix sharing) or HF generate: no separate inference engine like vLLM.
   - The ratio's old log-probs come from the training forward pass. With
     updates_per_batch = 1 (default) they are the detached current log-probs,
     so the ratio is 1 and the clip is inactive, as in on-policy GRPO.
@@ -38,6 +40,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import engine
 import ibtpo
 import reward
 import tree
@@ -292,22 +295,32 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
 # ----------------------------------------------------------------------------
 # Evaluation: avg@k with the training verifier
 
+def make_engine(model, tok, sampling: tree.Sampling, cfg: Config):
+    """The rollout engine tree.grow() drives (config key rollout_engine)."""
+    if cfg.rollout_engine == "decoder":
+        return engine.Decoder(model, tok, sampling, cfg.max_rows)
+    return engine.Lockstep(functools.partial(tree.generate_expander, model, tok, sampling))
+
+
 def evaluate(model, tok, sets: dict, cfg: Config, rank: int, world: int, device) -> dict:
     """avg@k accuracy per eval set: k samples per question, mean reward."""
     sampling = tree.Sampling(cfg.eval_temperature, cfg.eval_top_p, cfg.top_k, cfg.max_response_tokens)
-    expand = functools.partial(tree.generate_expander, model, tok, sampling)
-    rows_per_call = max(cfg.questions_per_step // world * cfg.B0, cfg.eval_k)
+    rollout = make_engine(model, tok, sampling, cfg)
+    # Lockstep sends a chunk to one generate call; the Decoder bounds its own pool
+    chunk = max(cfg.questions_per_step // world * cfg.B0, cfg.eval_k) if cfg.rollout_engine == "lockstep" else 0
     out = {}
     with gathered(model):
         for name, (prompts, answers) in sets.items():
-            mine = list(range(rank, len(prompts), world))
-            jobs = [i for i in mine for _ in range(cfg.eval_k)]
+            jobs = [i for i in range(rank, len(prompts), world) for _ in range(cfg.eval_k)]
             correct = 0.0
-            for c in range(0, len(jobs), rows_per_call):
-                chunk = jobs[c:c + rows_per_call]
-                res = expand([prompts[i] for i in chunk], [cfg.max_response_tokens] * len(chunk))
-                texts = tok.batch_decode([ids for ids, _ in res], skip_special_tokens=True)
-                rewards, _ = reward.score_batch(texts, [answers[i] for i in chunk])
+            for c in range(0, len(jobs), chunk or max(len(jobs), 1)):
+                for j in jobs[c:c + (chunk or len(jobs))]:
+                    rollout.submit(j, prompts[j], cfg.max_response_tokens)
+                done = []
+                while rollout.busy():
+                    done += rollout.step()
+                texts = tok.batch_decode([ids for _, ids, _ in done], skip_special_tokens=True)
+                rewards, _ = reward.score_batch(texts, [answers[j] for j, _, _ in done])
                 correct += sum(rewards)
             total, n = all_sum([correct, len(jobs)], device)
             out[f"eval/{name}"] = total / max(n, 1)
@@ -399,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
             f.writelines(l + "\n" for l in lines if json.loads(l)["step"] <= step)
     tcfg = tree_config(cfg)
     sampling = tree.Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_response_tokens)
-    expand = functools.partial(tree.generate_expander, model, tok, sampling)
+    rollout_engine = make_engine(model, tok, sampling, cfg)
 
     def log(row: dict):
         if rank == 0:
@@ -414,13 +427,13 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         idx = batch_indices(step, len(prompts), cfg, rank, world)
         with gathered(model):
-            trees, verdicts = tree.grow([prompts[i] for i in idx], [answers[i] for i in idx], expand,
+            trees, verdicts = tree.grow([prompts[i] for i in idx], [answers[i] for i in idx], rollout_engine,
                                         reward.score_batch, tok, tcfg, cfg.max_response_tokens, random)
         t1 = time.time()
         trajs = []
         for t in trees:
             ibtpo.compute_advantages(t, cfg.beta, cfg.lam, cfg.step_prob)
-            trajs += tree.trajectories(t)
+            trajs += ibtpo.trajectories(t)
         train = update(model, ref, optimizer, scheduler, trajs, cfg, tok, world, device)
         t2 = time.time()
         # batch statistics: sums over ranks of per-rank means weighted by question count

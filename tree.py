@@ -12,18 +12,18 @@ IBTree with (B0, L, K, B) (section 4):
   2. L - 1 times: score every branchable node with a strategy, take the top K,
      sample B full continuations of each chosen prefix;
   3. verify, update V.
-Trajectories per question G = B0 + (L - 1) * K * B. Every round is ONE call of
-the expander covering all prefixes chosen in that round, across all questions.
+Trajectories per question G = B0 + (L - 1) * K * B. A question starts its
+next round when its current one is verified; the rollout engine decides how
+requests share the hardware (engine.Lockstep: one batched generate per round
+across all questions; engine.Decoder: one continuously refilled decode loop).
 
 The `ib` strategy ranks nodes by Eq. MC of ib_score.py:
   J(n) = 1 + (beta / m) * sum_c (V(c)/V(n) - 1 - 1/beta) * pi(c | prefix(n)).
 A strategy is a plain function (candidates, k, rng, cfg) -> chosen nodes;
 adding one is writing one function and naming it in STRATEGIES.
 
-The expander interface is `expand(prefixes, max_new) -> [(new_ids, logps)]`:
-full prefixes (prompt + response so far) in, sampled continuations and their
-log-probs out. `generate_expander` implements it with one HF `generate` call;
-a faster engine only has to honour the same signature.
+The expander `generate_expander(..., prefixes, max_new) -> [(new_ids, logps)]`
+is one HF `generate` call; engine.Lockstep makes it an engine for grow().
 """
 from __future__ import annotations
 
@@ -123,32 +123,6 @@ class Tree:
         visit(self.root)
 
 
-@dataclass
-class Trajectory:
-    """One root-to-leaf path, ready for the loss."""
-    prompt_ids: list[int]
-    response_ids: list[int]             # (T,) generated ids, root to leaf
-    old_logps: list[float]              # (T,) rollout log-probs of response_ids
-    step_index: list[int]               # (T,) index into `steps` of each response token
-    steps: list[Node]                   # the step nodes on the path, root's child first
-    reward: float
-    tree: Tree
-
-
-def trajectories(tree: Tree) -> list[Trajectory]:
-    """One Trajectory per leaf of `tree`."""
-    out = []
-    for leaf in tree.leaves():
-        steps = leaf.path()
-        ids, logps, index = [], [], []
-        for i, s in enumerate(steps):
-            ids += s.ids
-            logps += s.logps
-            index += [i] * len(s.ids)
-        out.append(Trajectory(tree.prompt_ids, ids, logps, index, steps, float(leaf.reward or 0.0), tree))
-    return out
-
-
 # ----------------------------------------------------------------------------
 # Step splitting (PAPER.md section 1)
 
@@ -233,6 +207,17 @@ class _RowBudget:
         return (input_ids.shape[1] - self.start) >= self.budget
 
 
+def left_pad(prefixes: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (N, W) left-padded with `pad`, and their attention mask (N, W)."""
+    width = max(len(p) for p in prefixes)
+    ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prefixes):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_expander(model, tokenizer, sampling: Sampling,
                       prefixes: list[list[int]], max_new: list[int]) -> list[tuple[list[int], list[float]]]:
@@ -242,12 +227,8 @@ def generate_expander(model, tokenizer, sampling: Sampling,
     from transformers import LogitsProcessorList, StoppingCriteriaList
     device = next(model.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    width = max(len(p) for p in prefixes)
-    input_ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, p in enumerate(prefixes):  # left padding
-        input_ids[i, width - len(p):] = torch.tensor(p)
-        attention_mask[i, width - len(p):] = 1
+    input_ids, attention_mask = left_pad(prefixes, pad)
+    width = input_ids.shape[1]
     budget = torch.tensor(max_new, device=device)
     greedy = sampling.temperature <= 0
     recorder = _RecordLogprobs(len(tokenizer), 1.0 if greedy else sampling.temperature)
@@ -347,38 +328,59 @@ def attach(tree: Tree, node: Node, new_ids: list[int], logps: list[float], token
     return node
 
 
-def grow(prompts: list[list[int]], answers: list[str], expand, reward_fn, tokenizer,
+def grow(prompts: list[list[int]], answers: list[str], engine, reward_fn, tokenizer,
          cfg: TreeConfig, max_response_tokens: int, rng: random.Random) -> tuple[list[Tree], dict]:
-    """Build one tree per question with IBTree (B0, L, K, B), every round ONE
-    expand() call across all questions. reward_fn(texts, answers) -> (rewards,
-    counts); returns the trees and the verifier's counts summed over rounds."""
+    """Build one tree per question with IBTree (B0, L, K, B). Each question
+    moves to its next round as soon as all continuations of its current round
+    are back: with engine.Lockstep that is one expand() per round for all questions;
+    with engine.Decoder a question never waits for another's long responses.
+    engine: submit(key, prefix, max_new, priority), busy(), step() -> [(key, ids,
+    logps)]; the priority is the question's round (later rounds are more urgent).
+    reward_fn(texts, answers) -> (rewards, counts); returns the trees and the
+    verifier's counts summed over calls."""
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {cfg.strategy!r}")
     pick = STRATEGIES[cfg.strategy]
     trees = [Tree(list(p), a) for p, a in zip(prompts, answers)]
+    rounds = [0] * len(trees)                # rounds started, per question
+    waiting = [0] * len(trees)               # continuations still out, per question
+    fresh: list[list[Node]] = [[] for _ in trees]  # leaves of the current round
+    rngs = [random.Random(rng.getrandbits(64)) for _ in trees]  # picks never depend on the engine's timing
     verifier = {}
-    for rnd in range(cfg.L):
-        requests = []  # (tree, node) pairs, one per continuation to sample
-        for t in trees:
-            if rnd == 0:
-                chosen = [t.root] * cfg.B0
-            else:
-                cands = branchable(t, max_response_tokens)
-                chosen = [n for n in pick(cands, cfg.K, rng, cfg) for _ in range(cfg.B)]
-            requests += [(t, n) for n in chosen]
-        if not requests:
-            break
-        outs = expand([t.prompt_ids + n.response_ids() for t, n in requests],
-                      [max_response_tokens - n.n_tokens for _, n in requests])
-        leaves = [attach(t, n, ids, lp, tokenizer, cfg) for (t, n), (ids, lp) in zip(requests, outs)]
+
+    def next_round(i: int) -> None:
+        t = trees[i]
+        if rounds[i] == 0:
+            chosen = [t.root] * cfg.B0
+        elif rounds[i] < cfg.L:
+            chosen = [n for n in pick(branchable(t, max_response_tokens), cfg.K, rngs[i], cfg) for _ in range(cfg.B)]
+        else:
+            chosen = []
+        rounds[i] += 1
+        waiting[i] = len(chosen)
+        for n in chosen:
+            engine.submit((i, n), t.prompt_ids + n.response_ids(), max_response_tokens - n.n_tokens, rounds[i])
+
+    for i in range(len(trees)):
+        next_round(i)
+    while engine.busy():
+        for (i, node), ids, logps in engine.step():
+            fresh[i].append(attach(trees[i], node, ids, logps, tokenizer, cfg))
+            waiting[i] -= 1
+        done = [i for i in range(len(trees)) if fresh[i] and not waiting[i]]
+        leaves = [leaf for i in done for leaf in fresh[i]]
+        if not leaves:
+            continue
         texts = tokenizer.batch_decode([leaf.response_ids() for leaf in leaves], skip_special_tokens=True)
-        rewards, counts = reward_fn(texts, [t.answer for t, _ in requests])
+        rewards, counts = reward_fn(texts, [trees[i].answer for i in done for _ in fresh[i]])
         for key, v in counts.items():
             verifier[key] = verifier.get(key, 0) + v
         for leaf, r in zip(leaves, rewards):
             leaf.reward = float(r)
-        for t in trees:
-            t.update_values()
+        for i in done:
+            trees[i].update_values()
+            fresh[i] = []
+            next_round(i)
     return trees, verifier
 
 

@@ -6,7 +6,8 @@ import torch
 
 import ibtpo
 from ibtpo import compute_advantages, loss_normalizer, policy_loss, token_advantages, token_logprobs
-from tree import Tree, trajectories
+from ibtpo import trajectories
+from tree import Tree
 
 L = math.log
 

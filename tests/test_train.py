@@ -30,9 +30,10 @@ def weights(path):
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
-def test_two_steps_in_process(tiny_dir, math_jsonl, tmp_path):
+@pytest.mark.parametrize("rollout_engine", ["decoder", "lockstep"])
+def test_two_steps_in_process(tiny_dir, math_jsonl, tmp_path, rollout_engine):
     out = tmp_path / "run"
-    last = run(tiny_dir, math_jsonl, out, f"eval_sets=[{math_jsonl}]")
+    last = run(tiny_dir, math_jsonl, out, f"eval_sets=[{math_jsonl}]", f"rollout_engine={rollout_engine}")
     rows = metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2]  # eval before training, then one line per step
     assert "eval/math" in rows[0] and "eval/math" in rows[2]
@@ -99,6 +100,8 @@ def test_eval_only(tiny_dir, math_jsonl, tmp_path):
     (["bogus=1"], ValueError, "unknown key(s) ['bogus']"),
     (["B0=two"], ValueError, "B0 must be int"),
     (["strategy=best"], ValueError, "strategy must be one of"),
+    (["rollout_engine=vllm"], ValueError, "rollout_engine must be decoder or lockstep"),
+    (["max_rows=0"], ValueError, "max_rows must be >= 1"),
     (["data=/nonexistent/q.jsonl"], FileNotFoundError, "/nonexistent/q.jsonl"),
     (["question_field=query"], ValueError, "no question field 'query'"),
     (["model=/nonexistent_model"], FileNotFoundError, "/nonexistent_model"),

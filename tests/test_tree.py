@@ -6,7 +6,9 @@ import random
 import pytest
 import torch
 
+import engine
 import ib_score
+import ibtpo
 import tree
 from tree import Sampling, Tree, TreeConfig
 
@@ -34,7 +36,7 @@ def grow_tiny(model, tok, cfg, seed=0, n_questions=3, sampling=None, log=None):
     if log is not None:
         expand = recording(expand, log)
     prompts = [tok(f"Compute {i}+{i + 1}.")["input_ids"] for i in range(n_questions)]
-    return tree.grow(prompts, [str(2 * i + 1) for i in range(n_questions)], expand, fake_reward,
+    return tree.grow(prompts, [str(2 * i + 1) for i in range(n_questions)], engine.Lockstep(expand), fake_reward,
                      tok, cfg, sampling.max_response_tokens, random.Random(seed))
 
 
@@ -194,7 +196,7 @@ def test_values_on_hand_built_tree():
     t.update_values()
     assert (a1.V, a21.V, a2.V, a.V, b.V) == (1.0, 0.0, 0.0, 0.5, 1.0)
     assert t.root.V == pytest.approx(2 / 3)  # the mean over leaves, not over children
-    trajs = tree.trajectories(t)
+    trajs = ibtpo.trajectories(t)
     assert [tr.response_ids for tr in trajs] == [[2, 3], [2, 4, 5], [6]]
     assert [tr.step_index for tr in trajs] == [[0, 1], [0, 1, 2], [0]]
     assert trajs[1].steps == [a, a2, a21] and [tr.reward for tr in trajs] == [1.0, 0.0, 1.0]

@@ -1,0 +1,164 @@
+"""engine.py: the continuous-batching decode loop against HF generate, and
+tree.grow driven by it."""
+import functools
+import random
+
+import pytest
+import torch
+
+import engine
+import ibtpo
+import tree
+from tree import Sampling, TreeConfig
+
+PREFIX_TEXTS = ["Compute 1+2.", "Hi", "Compute 12+30-4.", "Add 7 and 9, then halve.", "x", "Compute 3-1."]
+
+
+def drain(dec):
+    out = {}
+    while dec.busy():
+        for key, ids, lp in dec.step():
+            assert key not in out
+            out[key] = (ids, lp)
+    return out
+
+
+def test_greedy_matches_generate_whatever_the_pool(tiny_model, tiny_tokenizer):
+    """Greedy: identical tokens to generate, with rows joining and leaving
+    (pool of 2 for 6 requests of different lengths and budgets)."""
+    tok, model = tiny_tokenizer, tiny_model
+    prefixes = [tok(t)["input_ids"] for t in PREFIX_TEXTS]
+    budgets = [24, 3, 17, 30, 1, 9]
+    s = Sampling(temperature=0.0, max_response_tokens=30)
+    ref = tree.generate_expander(model, tok, s, prefixes, budgets)
+    for rows in (1, 2, 4, 16):
+        dec = engine.Decoder(model, tok, s, max_rows=rows)
+        for i, (p, b) in enumerate(zip(prefixes, budgets)):
+            dec.submit(i, p, b)
+        got = drain(dec)
+        assert [got[i][0] for i in range(len(prefixes))] == [ids for ids, _ in ref], rows
+        for i, (ids, lp) in enumerate(ref):
+            torch.testing.assert_close(torch.tensor(got[i][1]), torch.tensor(lp), atol=1e-4, rtol=0)
+            assert len(ids) == budgets[i] or ids[-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("top_p,top_k", [(1.0, 0), (0.8, 0), (1.0, 5), (0.9, 20)])
+def test_one_sequence_samples_the_tokens_generate_samples(tiny_model, tiny_tokenizer, top_p, top_k):
+    """Same seed, same single sequence: the same tokens as HF generate (the
+    sampler follows generate's temperature -> top-k -> top-p -> multinomial)."""
+    tok, model = tiny_tokenizer, tiny_model
+    s = Sampling(temperature=0.9, top_p=top_p, top_k=top_k, max_response_tokens=40)
+    p = tok("Compute 12+30-4.")["input_ids"]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        (ref_ids, ref_lp), = tree.generate_expander(model, tok, s, [p], [40])
+        torch.manual_seed(seed)
+        dec = engine.Decoder(model, tok, s, max_rows=4)
+        dec.submit("q", p, 40)
+        ids, lp = drain(dec)["q"]
+        assert ids == ref_ids
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=0)
+
+
+def test_sampled_logprobs_match_a_forward_pass_and_stay_in_vocab(tiny_model, tiny_tokenizer):
+    tok, model = tiny_tokenizer, tiny_model
+    vocab = len(tok)
+    torch.manual_seed(0)
+    s = Sampling(temperature=0.7, top_p=1.0, top_k=0, max_response_tokens=20)
+    prefixes = [tok(t)["input_ids"] for t in PREFIX_TEXTS]
+    dec = engine.Decoder(model, tok, s, max_rows=3)
+    for i, p in enumerate(prefixes):
+        dec.submit(i, p, 20)
+    got = drain(dec)
+    for i, p in enumerate(prefixes):
+        ids, lp = got[i]
+        assert all(0 <= t < vocab for t in ids) and tok.eos_token_id not in ids[:-1]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + ids])).logits[0, len(p) - 1:-1, :vocab] / 0.7
+        ref = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(lp), ref, atol=1e-4, rtol=0)
+
+
+def test_never_samples_past_vocab(tiny_model, tiny_tokenizer):
+    tok, model = tiny_tokenizer, tiny_model
+    vocab = len(tok)
+
+    def boost_padding_rows(module, inputs, out):
+        out = out.clone()
+        out[..., vocab:] += 1e4
+        return out
+    model.lm_head.register_forward_hook(boost_padding_rows)
+    dec = engine.Decoder(model, tok, Sampling(temperature=1.0, top_p=1.0, top_k=0), max_rows=2)
+    for i in range(4):
+        dec.submit(i, tok("abc")["input_ids"], 30)
+    assert all(0 <= t < vocab for ids, _ in drain(dec).values() for t in ids)
+
+
+def test_pool_never_exceeds_max_rows_and_trims_padding(tiny_model, tiny_tokenizer):
+    tok, model = tiny_tokenizer, tiny_model
+    torch.manual_seed(0)
+    dec = engine.Decoder(model, tok, Sampling(temperature=1.0, top_p=1.0, top_k=0), max_rows=3)
+    prefixes = [tok("y" * n)["input_ids"] for n in (40, 2, 3, 25, 1, 7, 2)]
+    for i, p in enumerate(prefixes):
+        dec.submit(i, p, 12)
+    seen = 0
+    while dec.busy():
+        seen += len(dec.step())
+        assert len(dec.rows) <= 3
+        if dec.rows:
+            assert dec.mask.shape == (len(dec.rows), dec.cache.get_seq_length())
+            assert bool(dec.mask[:, 0].any())  # no column that is padding for every row
+            lens = dec.mask.sum(1).tolist()   # real tokens per row = prefix + tokens fed so far
+            want = [len(prefixes[r.key]) + len(r.ids) - 1 for r in dec.rows]
+            assert lens == want
+    assert seen == len(prefixes)
+
+
+def test_bad_arguments(tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="max_rows"):
+        engine.Decoder(tiny_model, tiny_tokenizer, Sampling(), max_rows=0)
+    dec = engine.Decoder(tiny_model, tiny_tokenizer, Sampling())
+    with pytest.raises(ValueError, match="max_new"):
+        dec.submit(0, [1, 2], 0)
+
+
+def _grow(model, tok, cfg, make_engine, seed, log=None):
+    torch.manual_seed(seed)
+    prompts = [tok(f"Compute {i}+{i + 1}.")["input_ids"] for i in range(3)]
+
+    def reward_fn(texts, answers):
+        if log is not None:
+            log.append(len(texts))
+        rewards = [float(sum(map(ord, t)) % 3 == 0) for t in texts]
+        return rewards, {"correct": int(sum(rewards))}
+    return tree.grow(prompts, ["1", "3", "5"], make_engine(), reward_fn, tok, cfg, 40, random.Random(seed))
+
+
+def test_grow_with_the_decoder_builds_the_same_trees_greedily(tiny_model, tiny_tokenizer):
+    """Greedy decoding: Lockstep and Decoder must build identical trees, though
+    the Decoder lets questions run their rounds at different times."""
+    tok, model = tiny_tokenizer, tiny_model
+    s = Sampling(temperature=0.0, max_response_tokens=40)
+    cfg = TreeConfig(B0=2, L=4, K=1, B=2, strategy="random", max_step_tokens=5)
+    a, _ = _grow(model, tok, cfg, lambda: engine.Lockstep(functools.partial(tree.generate_expander, model, tok, s)), 0)
+    log = []
+    b, counts = _grow(model, tok, cfg, lambda: engine.Decoder(model, tok, s, max_rows=3), 0, log)
+
+    def shape(t):
+        return [(n.ids, n.terminal, n.reward) for n in t.nodes()]
+    assert [shape(t) for t in a] == [shape(t) for t in b]
+    assert sum(log) == 3 * cfg.G and counts["correct"] == sum(n.reward for t in b for n in t.leaves())
+
+
+def test_grow_with_the_decoder_samples_G_leaves_per_question(tiny_model, tiny_tokenizer):
+    tok, model = tiny_tokenizer, tiny_model
+    s = Sampling(temperature=1.0, top_p=1.0, top_k=0, max_response_tokens=40)
+    cfg = TreeConfig(B0=2, L=4, K=1, B=2, strategy="ib", max_step_tokens=5)
+    trees, _ = _grow(model, tok, cfg, lambda: engine.Decoder(model, tok, s, max_rows=4), 1)
+    for t in trees:
+        assert len(t.leaves()) == cfg.G
+        assert all(leaf.reward in (0.0, 1.0) for leaf in t.leaves())
+        for traj in ibtpo.trajectories(t):
+            assert len(traj.response_ids) <= 40
+    again, _ = _grow(model, tok, cfg, lambda: engine.Decoder(model, tok, s, max_rows=4), 1)
+    assert [[n.ids for n in t.nodes()] for t in trees] == [[n.ids for n in t.nodes()] for t in again]
