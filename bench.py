@@ -88,7 +88,7 @@ def smollm_folder(cache=".cache/smollm2") -> str:
 
 
 def arithmetic_questions(n, seed=0, n_terms=(3, 4)):
-    """Short multi-step sums with their answers (the toy world's kind of problem)."""
+    """Short multi-step sums with operands up to 20, and their answers."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -118,9 +118,12 @@ def bench_sampler(args):
         path = args.model
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    # SmolLM2-135M gets some two-term sums right and almost no longer ones
-    qa = arithmetic_questions(args.questions, seed=args.seed, n_terms=(2, 2) if args.model == "smollm" else (3, 4))
-    suffix = "" if args.model == "toy" else " Put the final answer in \\boxed{}."
+    if args.model == "toy":  # the toy world's own held-out problems (values stay in 0-9)
+        lines = [json.loads(line) for line in open(os.path.join(args.toy_dir, "eval.jsonl"))]
+        qa = [(r["question"], r["answer"]) for r in lines[:args.questions]]
+    else:  # SmolLM2-135M gets some two-term sums right and almost no longer ones
+        qa = arithmetic_questions(args.questions, seed=args.seed, n_terms=(2, 2))
+    suffix = "" if args.model == "toy" else " Explain your reasoning step by step, then give the final answer in \\boxed{}."
     prompts = [tok.apply_chat_template([{"role": "user", "content": q + suffix}], add_generation_prompt=True,
                                        tokenize=False) for q, _ in qa]
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]

@@ -150,6 +150,7 @@ def test_rollout_gathers_weights_once_not_per_token(tiny_dir, monkeypatch):
     token; inside train.gathered the weights are gathered once per phase."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fpg
     from config import load_config
+    import engine
     import tree
     from transformers import AutoTokenizer
     train.setup_distributed()
@@ -175,7 +176,12 @@ def test_rollout_gathers_weights_once_not_per_token(tiny_dir, monkeypatch):
         at_start = len(calls)
         tree.generate_expander(model, tok, sampling, prefix, [12])
         tree.generate_expander(model, tok, sampling, prefix, [12])
-        assert len(calls) == at_start  # nothing gathered while decoding
+        decoder = engine.Decoder(model, tok, sampling, max_rows=2)
+        for i in range(3):
+            decoder.submit(i, prefix[0], 12)
+        while decoder.busy():
+            decoder.step()
+        assert len(calls) == at_start  # nothing gathered while decoding, with either engine
     assert 1 <= at_start <= units  # once per unit (the root may still hold its weights)
     calls.clear()
     tree.generate_expander(model, tok, sampling, prefix, [12])
