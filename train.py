@@ -46,9 +46,7 @@ import reward
 import tree
 from checkpoint import load_checkpoint, save_checkpoint
 from config import Config, load_config, save_config
-
-QUESTION_FIELDS = ("question", "problem", "prompt")
-ANSWER_FIELDS = ("answer", "solution", "ground_truth", "final_answer")
+from data import batch_indices, load_eval_sets, load_questions
 
 
 # ----------------------------------------------------------------------------
@@ -83,82 +81,6 @@ def all_max(value: int, device) -> int:
     t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
-
-
-# ----------------------------------------------------------------------------
-# Data
-
-def load_split(spec: str, subset: str = "", split: str | None = None):
-    """A datasets.Dataset from a hub id, a local folder or a .json/.jsonl/.parquet file."""
-    from datasets import load_dataset
-    if "@" in spec:
-        spec, split = spec.rsplit("@", 1)
-    ext = os.path.splitext(spec)[1].lower()
-    if ext in (".json", ".jsonl", ".parquet", ".csv"):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"data file not found: {spec}")
-        kind = {".jsonl": "json"}.get(ext, ext[1:])
-        return load_dataset(kind, data_files=spec, split="train")
-    ds = load_dataset(spec, subset or None)
-    if split is None:
-        split = "test" if "test" in ds else "train" if "train" in ds else next(iter(ds))
-    if split not in ds:
-        raise ValueError(f"{spec} has no split {split!r}; it has {list(ds)}")
-    return ds[split]
-
-
-def pick_field(ds, wanted: str, candidates: tuple, what: str, source: str) -> str:
-    cols = ds.column_names
-    if wanted != "auto":
-        if wanted not in cols:
-            raise ValueError(f"{source}: no {what} field {wanted!r}; columns are {cols}")
-        return wanted
-    for c in candidates:
-        if c in cols:
-            return c
-    raise ValueError(f"{source}: found no {what} field among {candidates}; columns are {cols}; "
-                     f"set {what}_field in the config")
-
-
-def encode_prompt(tok, question: str, cfg: Config) -> list[int]:
-    text = cfg.prompt_template.format(question=question)
-    if cfg.chat_template and tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": text}],
-                                       add_generation_prompt=True, tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    return tok(text)["input_ids"]
-
-
-def load_questions(spec: str, tok, cfg: Config, subset: str = "", split: str | None = None):
-    """(prompt ids, gold answers) of a dataset; prompts over max_prompt_tokens are dropped."""
-    ds = load_split(spec, subset, split)
-    q = pick_field(ds, cfg.question_field, QUESTION_FIELDS, "question", spec)
-    a = pick_field(ds, cfg.answer_field, ANSWER_FIELDS, "answer", spec)
-    prompts, answers = [], []
-    for row in ds:
-        question, answer = row[q], row[a]
-        if isinstance(question, list):  # chat-format prompt: take the last message's text
-            question = question[-1]["content"]
-        if not isinstance(question, str) or answer is None:
-            raise ValueError(f"{spec}: bad row, {q}={question!r} {a}={answer!r}")
-        ids = encode_prompt(tok, question, cfg)
-        if len(ids) <= cfg.max_prompt_tokens:
-            prompts.append(ids)
-            answers.append(str(answer))
-    if not prompts:
-        raise ValueError(f"{spec}: no usable questions (all longer than max_prompt_tokens?)")
-    return prompts, answers
-
-
-def batch_indices(step: int, n: int, cfg: Config, rank: int, world: int) -> list[int]:
-    """This rank's question indices for `step`: a seeded permutation per epoch,
-    so a resumed run sees exactly the batches an uninterrupted one would."""
-    out, Q = [], cfg.questions_per_step
-    for g in range(step * Q, (step + 1) * Q):
-        epoch, i = divmod(g, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        out.append(int(perm[i]))
-    return out[rank::world]
 
 
 # ----------------------------------------------------------------------------
@@ -225,7 +147,7 @@ def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return out + [cur] if cur else out
 
 
-def collate(trajs: list[tree.Trajectory], pad: int, device):
+def collate(trajs: list[ibtpo.Trajectory], pad: int, device):
     """Right-padded (B, T) ids and mask, and (B, T-1) tensors aligned to the
     next-token log-probs: response mask, advantages, rollout log-probs."""
     T = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
@@ -306,15 +228,16 @@ def evaluate(model, tok, sets: dict, cfg: Config, rank: int, world: int, device)
     """avg@k accuracy per eval set: k samples per question, mean reward."""
     sampling = tree.Sampling(cfg.eval_temperature, cfg.eval_top_p, cfg.top_k, cfg.max_response_tokens)
     rollout = make_engine(model, tok, sampling, cfg)
-    # Lockstep sends a chunk to one generate call; the Decoder bounds its own pool
-    chunk = max(cfg.questions_per_step // world * cfg.B0, cfg.eval_k) if cfg.rollout_engine == "lockstep" else 0
     out = {}
     with gathered(model):
         for name, (prompts, answers) in sets.items():
             jobs = [i for i in range(rank, len(prompts), world) for _ in range(cfg.eval_k)]
+            # Lockstep sends each chunk to one generate call; the Decoder bounds its own pool
+            size = max(cfg.questions_per_step // world * cfg.B0, cfg.eval_k)
+            size = size if cfg.rollout_engine == "lockstep" else max(len(jobs), 1)
             correct = 0.0
-            for c in range(0, len(jobs), chunk or max(len(jobs), 1)):
-                for j in jobs[c:c + (chunk or len(jobs))]:
+            for c in range(0, len(jobs), size):
+                for j in jobs[c:c + size]:
                     rollout.submit(j, prompts[j], cfg.max_response_tokens)
                 done = []
                 while rollout.busy():
@@ -325,16 +248,6 @@ def evaluate(model, tok, sets: dict, cfg: Config, rank: int, world: int, device)
             total, n = all_sum([correct, len(jobs)], device)
             out[f"eval/{name}"] = total / max(n, 1)
     return out
-
-
-def load_eval_sets(tok, cfg: Config) -> dict:
-    sets = {}
-    for spec in cfg.eval_sets:
-        name = os.path.splitext(os.path.basename(spec.split("@")[0].rstrip("/")))[0]
-        prompts, answers = load_questions(spec, tok, cfg)
-        n = cfg.eval_max_questions or len(prompts)
-        sets[name] = (prompts[:n], answers[:n])
-    return sets
 
 
 def plot_metrics(run_dir: str) -> str | None:
@@ -351,7 +264,8 @@ def plot_metrics(run_dir: str) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("reward_mean", "eff_rate", "ib_score"):
         pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), label=key) if pts else None
+        if pts:
+            ax.plot(*zip(*pts), label=key)
     for key in sorted({k for r in rows for k in r if k.startswith("eval/")}):
         ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), "o--", label=key)
     ax.set_xlabel("step")
@@ -468,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
     if rank == 0:
         plot_metrics(cfg.run_dir)
         if eval_sets and last:
-            first = json.loads(open(metrics_path).readline())
+            with open(metrics_path) as f:
+                first = json.loads(f.readline())
             for k in sorted(k for k in last if k.startswith("eval/")):
                 print(f"{k}: {first.get(k, float('nan')):.3f} before training -> {last[k]:.3f} after {total} steps")
     return last

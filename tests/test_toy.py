@@ -71,12 +71,12 @@ def test_a_corrupted_solution_is_wrong_exactly_at_its_slips_and_consistent_after
 
 def test_prompt_is_what_train_py_feeds_the_policy():
     import config
-    import train
+    import data
     tok = toy.build_tokenizer()
     q = "Compute 7+5-3+8."
     ids = toy.prompt_ids(tok, q)
     assert tok.decode(ids) == f"<|user|>\n{q}\n<|assistant|>\n"
-    assert ids == train.encode_prompt(tok, q, config.Config(prompt_template="{question}", chat_template=True))
+    assert ids == data.encode_prompt(tok, q, config.Config(prompt_template="{question}", chat_template=True))
 
 
 def test_prepare_writes_loadable_files_and_is_cached(tmp_path):
