@@ -18,9 +18,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 echo "== bench rollout (issue 6, item 2)"
-timeout 200 python3 bench.py rollout --model qwen2.5-1.5b --rows 64 --tokens 512 --questions 16 --step 64
+timeout 180 python3 bench.py rollout --model qwen2.5-1.5b --rows 64 --tokens 192 --questions 16 --step 48 --repeat 1
 echo "== bench train (issue 6, item 3)"
-timeout 120 python3 bench.py train --model qwen2.5-1.5b --rows 8 --length 2048 --checkpointing
+timeout 90 python3 bench.py train --model qwen2.5-1.5b --rows 8 --length 2048 --checkpointing
 echo "== train.py, 3 steps of IB-TPO on a random-init Qwen2.5-1.5B shape (issue 4)"
 python3 - <<'PY'
 import json, os, random, torch, toy
@@ -38,8 +38,8 @@ with open("/tmp/q15.jsonl", "w") as f:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         f.write(json.dumps({"question": f"Compute {a}+{b}.", "answer": str(a + b)}) + "\n")
 PY
-timeout 240 torchrun --standalone --nproc_per_node=1 train.py configs/tiny_cpu.yaml model=/tmp/q15 data=/tmp/q15.jsonl \
-  run_dir=/tmp/run_q15 dtype=bfloat16 B0=4 L=9 max_step_tokens=64 max_response_tokens=512 temperature=0.7 top_p=0.95 \
+timeout 180 torchrun --standalone --nproc_per_node=1 train.py configs/tiny_cpu.yaml model=/tmp/q15 data=/tmp/q15.jsonl \
+  run_dir=/tmp/run_q15 dtype=bfloat16 B0=4 L=9 max_step_tokens=64 max_response_tokens=256 temperature=0.7 top_p=0.95 \
   top_k=20 questions_per_step=16 steps=3 lr=1e-6 micro_batch_tokens=16384 grad_checkpointing=true save_every=0 dump_trees=0
 python3 -c "
 import json
