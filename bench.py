@@ -287,8 +287,8 @@ def bench_rollout(args):
             (ti, ni), (tg, ng) = res[eng, tree_name], res[eng, "GRPO G=8"]
             print(f"      {eng:8s} {tree_name} / GRPO: wall time {ti / tg:.2f}x, generated tokens {ni / ng:.2f}x, "
                   f"wall time per token {(ti / ni) / (tg / ng):.2f}x (target: wall time within 1.3x)")
-    print(f"      decoder / lockstep wall time: IBTree {res['decoder', 'ib (4,9,1,1)'][0] / res['lockstep', 'ib (4,9,1,1)'][0]:.2f}x, "
-          f"GRPO {res['decoder', 'GRPO G=8'][0] / res['lockstep', 'GRPO G=8'][0]:.2f}x")
+    speedup = {name: res["decoder", name][0] / res["lockstep", name][0] for name in ("ib (4,9,1,1)", "GRPO G=8")}
+    print(f"      decoder / lockstep wall time: IBTree {speedup['ib (4,9,1,1)']:.2f}x, GRPO {speedup['GRPO G=8']:.2f}x")
 
 
 def bench_train(args):

@@ -13,8 +13,9 @@ sequences, all in one KV cache:
     all its rows are back and submits that question's next round;
   - waiting requests join between steps, later rounds first (grow() passes the
     round as priority: a question deep in its tree is on the critical path),
-    prefilled together (left padded), their KV cache left-padded to the pool's
-    length and appended on the batch axis.
+    prefilled together (left padded, at most prefill_tokens prefix tokens per
+    prefill), their KV cache left-padded to the pool's length and appended on
+    the batch axis.
     Left columns that are padding in every row are dropped as rows leave.
 So a question whose round is done starts its next round while other
 questions' long responses are still decoding, and the pool stays full.
@@ -100,13 +101,14 @@ class _Row:
 class Decoder:
     """A continuously refilled pool of at most max_rows sequences."""
 
-    def __init__(self, model, tokenizer, sampling: Sampling, max_rows: int = 128):
+    def __init__(self, model, tokenizer, sampling: Sampling, max_rows: int = 128, prefill_tokens: int = 32768):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):
             raise ValueError("engine.Decoder keeps one full KV cache; use rollout_engine: lockstep for "
                              f"sliding-window models ({type(model.config).__name__})")
         self.model, self.sampling, self.max_rows = model, sampling, max_rows
+        self.prefill_tokens = prefill_tokens  # bounds one prefill's activations (one request always fits)
         self.vocab, self.eos, self.pad = len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id
         self.device = next(model.parameters()).device
         self.queue: list = []         # heap of (-priority, order, key, prefix, max_new) not yet in the pool
@@ -135,7 +137,13 @@ class Decoder:
         # unless the pool is running dry or the queue is short.
         if self.queue and free and (free >= min(len(self.queue), max(1, self.max_rows // 8))
                                     or len(self.rows) < self.max_rows // 2):
-            self._admit([heapq.heappop(self.queue)[2:] for _ in range(min(free, len(self.queue)))])
+            take, tokens = [], 0
+            while self.queue and len(take) < free:
+                tokens += len(self.queue[0][3])  # the next request's prefix
+                if take and tokens > self.prefill_tokens:
+                    break
+                take.append(heapq.heappop(self.queue)[2:])
+            self._admit(take)
         done = self._retire()
         if not self.rows:
             return done

@@ -31,8 +31,8 @@ def test_greedy_matches_generate_whatever_the_pool(tiny_model, tiny_tokenizer):
     budgets = [24, 3, 17, 30, 1, 9]
     s = Sampling(temperature=0.0, max_response_tokens=30)
     ref = tree.generate_expander(model, tok, s, prefixes, budgets)
-    for rows in (1, 2, 4, 16):
-        dec = engine.Decoder(model, tok, s, max_rows=rows)
+    for rows, prefill in ((1, 32768), (2, 32768), (4, 32768), (16, 32768), (16, 8)):  # 8: one prefix per prefill
+        dec = engine.Decoder(model, tok, s, max_rows=rows, prefill_tokens=prefill)
         for i, (p, b) in enumerate(zip(prefixes, budgets)):
             dec.submit(i, p, b)
         got = drain(dec)
