@@ -103,10 +103,10 @@ def bench_sampler(args):
     """Same prompts, same sampling: IBTree (4,9,1,1) with `ib` against independent
     sampling with G = 8 and G = 12; generated tokens count decoded tokens only."""
     import torch
+    import engine
     import reward
     import tree
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    import engine
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     if args.model == "smollm":
         path = smollm_folder()
@@ -118,12 +118,13 @@ def bench_sampler(args):
         path = args.model
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    if args.model == "toy":  # the toy world's own held-out problems (values stay in 0-9)
+    if args.model == "toy":  # the toy world's own held-out problems (values stay in 0-9), its own prompt
         lines = [json.loads(line) for line in open(os.path.join(args.toy_dir, "eval.jsonl"))]
         qa = [(r["question"], r["answer"]) for r in lines[:args.questions]]
+        suffix = ""
     else:  # SmolLM2-135M gets some two-term sums right and almost no longer ones
         qa = arithmetic_questions(args.questions, seed=args.seed, n_terms=(2, 2))
-    suffix = "" if args.model == "toy" else " Explain your reasoning step by step, then give the final answer in \\boxed{}."
+        suffix = " Explain your reasoning step by step, then give the final answer in \\boxed{}."
     prompts = [tok.apply_chat_template([{"role": "user", "content": q + suffix}], add_generation_prompt=True,
                                        tokenize=False) for q, _ in qa]
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -269,18 +270,18 @@ def bench_rollout(args):
                           ("ib (4,3,4,1)", tree.TreeConfig(B0=4, L=3, K=4, strategy="ib", max_step_tokens=args.step)),
                           ("GRPO G=8", tree.TreeConfig(B0=8, L=1, strategy="independent",
                                                        max_step_tokens=args.step))]:
-            times, rows = [], []
+            times = []
             for _ in range(args.repeat):  # the fastest of a few: this is often a shared machine
                 torch.manual_seed(0)
-                rollout, rows = engines[eng](), []
+                rollout, live = engines[eng](), []  # live rows at each decode step (decoder only)
                 if eng == "decoder":
-                    count_steps(rollout, rows)
+                    count_steps(rollout, live)
                 sync(device); t0 = time.perf_counter()
                 trees, _ = tree.grow(prompts, ["1"] * len(prompts), rollout, fake, tok, cfg, T, random.Random(0))
                 sync(device)
                 times.append(time.perf_counter() - t0)
             res[eng, name] = (min(times), tree.tree_stats(trees, cfg)["gen_tokens"])
-            depth = f"  {len(rows)} decode steps, {sum(rows) / len(rows):.0f} rows on average" if rows else ""
+            depth = f"  {len(live)} decode steps, {sum(live) / len(live):.0f} rows on average" if live else ""
             print(f"      {eng:8s} {name:14s} {res[eng, name][0]:7.2f} s  {res[eng, name][1]:7d} generated tokens{depth}")
     for eng in engines:
         for tree_name in ("ib (4,9,1,1)", "ib (4,3,4,1)"):
@@ -391,11 +392,13 @@ def bench_overhead(args):
         print(f"  {name:50s} {v:7.3f} s  {v / total:6.1%}")
 
 
-TOY_METHODS = {  # the same toy task and generated-token budget: GRPO's 8 responses cost ~0.77x IBTree's 12
-    "GRPO (independent, G=8, lam=0)": ["strategy=independent", "B0=8", "L=1", "steps=78", "lam=0.0"],
-    "IBTree, outcome advantage only (lam=0)": ["strategy=ib", "B0=4", "L=9", "lam=0.0"],
-    "IB-TPO (IBTree + A_IB, lam=0.1)": ["strategy=ib", "B0=4", "L=9", "lam=0.1"],
-}
+TOY_METHODS = [  # (label, run name, overrides): the same toy task and generated-token budget,
+    # GRPO's 8 responses cost ~0.77x IBTree's 12, so GRPO runs 78 steps to IBTree's 60
+    ("GRPO (independent, G=8, lam=0)", "independent_lam0.0",
+     ["strategy=independent", "B0=8", "L=1", "steps=78", "lam=0.0"]),
+    ("IBTree, outcome advantage only (lam=0)", "ib_lam0.0", ["strategy=ib", "B0=4", "L=9", "lam=0.0"]),
+    ("IB-TPO (IBTree + A_IB, lam=0.1)", "ib_lam0.1", ["strategy=ib", "B0=4", "L=9", "lam=0.1"]),
+]
 
 
 def bench_toy(args):
@@ -408,10 +411,10 @@ def bench_toy(args):
     toy.prepare(args.toy_dir, seed=0)
     print(f"toy reproduction: configs/toy.yaml, seeds {args.seeds}, on {machine()}")
     table = []
-    for name, overrides in TOY_METHODS.items():
+    for name, slug, overrides in TOY_METHODS:
         runs = []
         for seed in args.seeds:
-            run_dir = os.path.join(args.out, f"{overrides[0].split('=')[1]}_lam{overrides[-1].split('=')[1]}_s{seed}")
+            run_dir = os.path.join(args.out, f"{slug}_s{seed}")
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "train.py", "configs/toy.yaml", *overrides, f"seed={seed}",
                             f"run_dir={run_dir}", "resume=false", *args.extra], check=True,

@@ -145,9 +145,10 @@ def rows(problems: list[list[int]]) -> list[dict]:
 
 
 def prompt_ids(tok, q: str) -> list[int]:
-    """Exactly what train.py feeds the policy with chat_template: true and prompt_template: "{question}"."""
-    text = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-    return tok(text, add_special_tokens=False)["input_ids"]
+    """What train.py feeds the policy under configs/toy.yaml (chat template on, prompt_template "{question}")."""
+    from config import Config
+    from data import encode_prompt
+    return encode_prompt(tok, q, Config(prompt_template="{question}", chat_template=True))
 
 
 # ----------------------------------------------------------------------------

@@ -135,6 +135,13 @@ def tree_config(cfg: Config) -> tree.TreeConfig:
                            beta=cfg.beta, step_prob=cfg.step_prob, max_step_tokens=cfg.max_step_tokens)
 
 
+def make_engine(model, tok, sampling: tree.Sampling, cfg: Config):
+    """The rollout engine tree.grow() drives (config key rollout_engine)."""
+    if cfg.rollout_engine == "decoder":
+        return engine.Decoder(model, tok, sampling, cfg.max_rows)
+    return engine.Lockstep(functools.partial(tree.generate_expander, model, tok, sampling))
+
+
 def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
     """Pack sequences, longest first, so that rows x longest row <= budget."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -216,13 +223,6 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
 
 # ----------------------------------------------------------------------------
 # Evaluation: avg@k with the training verifier
-
-def make_engine(model, tok, sampling: tree.Sampling, cfg: Config):
-    """The rollout engine tree.grow() drives (config key rollout_engine)."""
-    if cfg.rollout_engine == "decoder":
-        return engine.Decoder(model, tok, sampling, cfg.max_rows)
-    return engine.Lockstep(functools.partial(tree.generate_expander, model, tok, sampling))
-
 
 def evaluate(model, tok, sets: dict, cfg: Config, rank: int, world: int, device) -> dict:
     """avg@k accuracy per eval set: k samples per question, mean reward."""

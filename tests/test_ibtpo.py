@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import ibtpo
-from ibtpo import compute_advantages, loss_normalizer, policy_loss, token_advantages, token_logprobs
-from ibtpo import trajectories
+from ibtpo import (compute_advantages, loss_normalizer, policy_loss, token_advantages, token_logprobs,
+                   trajectories)
 from tree import Tree
 
 L = math.log
