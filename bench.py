@@ -2,6 +2,7 @@
 
     python bench.py reward [--n 1000] [--workers 2]   # score_batch throughput (answers/s)
     python bench.py sampler [--model toy|smollm|PATH]  # trajectories per 1,000 generated tokens
+    python bench.py sample [--vocab tiny|qwen]           # engine.sample vs generate's sampler, time per step
     python bench.py rollout [--model tiny|qwen2.5-1.5b]  # expander vs plain generate; IBTree vs GRPO wall time
     python bench.py train [--model tiny|qwen2.5-1.5b]    # training tokens/s, MFU (GPU), peak memory
     python bench.py overhead                             # share of step time outside the model (toy config)
@@ -156,13 +157,16 @@ PEAK = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12), "A100": (2.0e12, 31
 
 
 def bench_model(name, device):
-    """A random-init model: "tiny" (the tests' shape) or "qwen2.5-1.5b" (the real
-    Qwen2.5-1.5B shape, for GPU runs); the toy byte tokenizer drives both."""
+    """A random-init model: "tiny" (the tests' shape), "small" (hidden 512, 8
+    layers) or "qwen2.5-1.5b" (the real Qwen2.5-1.5B shape, for GPU runs); the
+    toy byte tokenizer drives all three."""
     import torch
     import toy
     tok = toy.build_tokenizer()
     if name == "tiny":
         model = toy.build_model(tok)
+    elif name == "small":  # 19M parameters: on CPU a decode step costs compute per row, not fixed overhead
+        model = toy.build_model(tok, hidden=512, layers=8)
     elif name == "qwen2.5-1.5b":
         from transformers import Qwen2Config, Qwen2ForCausalLM
         cfg = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -202,14 +206,69 @@ def hardware(device):
     return bw, flops, name
 
 
-def count_steps(decoder, log: list) -> None:
-    """Append the number of live rows to `log` at every decode step."""
-    step = decoder.step
+def instrument(decoder, log: dict, device) -> None:
+    """Count, over the decode steps of `decoder`: steps, live rows, attended
+    cache cells (rows x width) and real ones; and time the prefills (the upper
+    bound of what reusing a parent's KV cache for its branches could save) and
+    all of admitting (prefill + copying the newcomers into the pool)."""
+    step, admit, model = decoder.step, decoder._admit, decoder.model
 
     def counted():
-        log.append(len(decoder.rows))
+        if decoder.rows:
+            log["steps"] += 1
+            log["rows"] += len(decoder.rows)
+            log["cells"] += decoder.mask.numel() + len(decoder.rows)  # with the column this step adds
+            log["real"] += int(decoder.mask.sum()) + len(decoder.rows)
         return step()
-    decoder.step = counted
+
+    def timed(log_key, fn):
+        def run(*a, **kw):
+            sync(device); t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            sync(device)
+            log[log_key] += time.perf_counter() - t0
+            return out
+        return run
+    prefill = timed("prefill_s", model)
+    decoder.step, decoder._admit = counted, timed("admit_s", admit)
+    decoder.model = lambda **kw: prefill(**kw) if kw["input_ids"].shape[1] > 1 else model(**kw)
+
+
+def bench_sample(args):
+    """engine.sample against generate's sampler (transformers' temperature,
+    top-k and top-p warpers, then torch.multinomial) on the same (rows, V)
+    logits, same seed: time per call, and the share of identical tokens."""
+    import torch
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    import engine
+    import tree
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    V, vocab = {"tiny": (274, 258), "qwen": (151936, 151665)}[args.vocab]  # model rows, tokenizer ids
+    s = tree.Sampling(temperature=0.7, top_p=0.95, top_k=20)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.95)])
+    logits = torch.randn(args.rows, V, device=device, generator=torch.Generator(device).manual_seed(0)) * 3
+
+    def generate_way(x):
+        x = x.float()  # what generate does to the last position's logits
+        x[:, vocab:] = -float("inf")
+        return torch.multinomial(warpers(None, x).softmax(-1), 1).squeeze(1)
+    fns = {"generate's sampler": generate_way, "engine.sample": lambda x: engine.sample(x, vocab, s)[0]}
+    times, toks = {}, {}
+    for name, fn in fns.items():
+        torch.manual_seed(0)
+        toks[name] = fn(logits.clone())
+        sync(device); t0 = time.perf_counter()
+        for _ in range(args.n):
+            fn(logits.clone())
+        sync(device)
+        times[name] = (time.perf_counter() - t0) / args.n
+    same = float((toks["generate's sampler"] == toks["engine.sample"]).float().mean())
+    print(f"sample: {args.rows} rows x {V} logits ({vocab} tokenizer ids), T 0.7, top-k 20, top-p 0.95, "
+          f"on {hardware(device)[2]}")
+    ref, ours = times["generate's sampler"], times["engine.sample"]
+    print(f"  generate's sampler {ref * 1e3:.2f} ms/call   engine.sample {ours * 1e3:.2f} ms/call "
+          f"({ref / ours:.1f}x faster)   same tokens for the same seed: {same:.1%} of rows")
 
 
 def bench_rollout(args):
@@ -257,6 +316,8 @@ def bench_rollout(args):
         limit = rows * bw / per_step
         print(f"      memory-bound limit {limit:,.0f} tok/s: expander at {ours / limit:.0%}, "
               f"decoder at {cb / limit:.0%} of it")
+    if args.decode_only:
+        return
     prompts = [tok(f"Compute {i}+{i + 3}-2.")["input_ids"] for i in range(args.questions)]
     fake = lambda texts, answers: ([float(len(t) % 2) for t in texts], {})
     engines = {"lockstep": lambda: engine.Lockstep(functools.partial(tree.generate_expander, model, tok, s)),
@@ -264,6 +325,7 @@ def bench_rollout(args):
     print(f"  (b) {args.questions} questions, steps of {args.step} tokens, decoder pool {args.max_rows} rows, "
           f"fastest of {args.repeat}")
     res = {}
+    engines = {k: v for k, v in engines.items() if args.engine in (k, "both")}
     for eng in engines:
         for name, cfg in [("ib (4,9,1,1)", tree.TreeConfig(B0=4, L=9, strategy="ib", max_step_tokens=args.step)),
                           # the same G = 12 in 3 rounds of 4 branches: a third of the sequential depth
@@ -273,23 +335,29 @@ def bench_rollout(args):
             times = []
             for _ in range(args.repeat):  # the fastest of a few: this is often a shared machine
                 torch.manual_seed(0)
-                rollout, live = engines[eng](), []  # live rows at each decode step (decoder only)
+                rollout = engines[eng]()
+                log = dict.fromkeys(("steps", "rows", "cells", "real", "prefill_s", "admit_s"), 0)
                 if eng == "decoder":
-                    count_steps(rollout, live)
+                    instrument(rollout, log, device)
                 sync(device); t0 = time.perf_counter()
                 trees, _ = tree.grow(prompts, ["1"] * len(prompts), rollout, fake, tok, cfg, T, random.Random(0))
                 sync(device)
                 times.append(time.perf_counter() - t0)
             res[eng, name] = (min(times), tree.tree_stats(trees, cfg)["gen_tokens"])
-            depth = f"  {len(live)} decode steps, {sum(live) / len(live):.0f} rows on average" if live else ""
+            depth = (f"  {log['steps']} decode steps, {log['rows'] / log['steps']:.0f} rows on average, "
+                     f"{1 - log['real'] / log['cells']:.0%} of attended cache columns padding, "
+                     f"of the time: prefill {log['prefill_s'] / times[-1]:.0%}, joining the pool "
+                     f"{(log['admit_s'] - log['prefill_s']) / times[-1]:.0%}") if log["steps"] else ""
             print(f"      {eng:8s} {name:14s} {res[eng, name][0]:7.2f} s  {res[eng, name][1]:7d} generated tokens{depth}")
     for eng in engines:
         for tree_name in ("ib (4,9,1,1)", "ib (4,3,4,1)"):
             (ti, ni), (tg, ng) = res[eng, tree_name], res[eng, "GRPO G=8"]
             print(f"      {eng:8s} {tree_name} / GRPO: wall time {ti / tg:.2f}x, generated tokens {ni / ng:.2f}x, "
                   f"wall time per token {(ti / ni) / (tg / ng):.2f}x (target: wall time within 1.3x)")
-    speedup = {name: res["decoder", name][0] / res["lockstep", name][0] for name in ("ib (4,9,1,1)", "GRPO G=8")}
-    print(f"      decoder / lockstep wall time: IBTree {speedup['ib (4,9,1,1)']:.2f}x, GRPO {speedup['GRPO G=8']:.2f}x")
+    if len(engines) == 2:
+        speedup = {name: res["decoder", name][0] / res["lockstep", name][0] for name in ("ib (4,9,1,1)", "GRPO G=8")}
+        print(f"      decoder / lockstep wall time: IBTree {speedup['ib (4,9,1,1)']:.2f}x, "
+              f"GRPO {speedup['GRPO G=8']:.2f}x")
 
 
 def bench_train(args):
@@ -456,14 +524,21 @@ def main():
     p.add_argument("--toy-dir", default="runs/toy_data")
     p.set_defaults(func=bench_sampler)
     p = sub.add_parser("rollout", help="expander vs plain generate; IBTree vs GRPO rollout wall time")
-    p.add_argument("--model", default="tiny", help="tiny or qwen2.5-1.5b (random init, real shape)")
+    p.add_argument("--model", default="tiny", help="tiny, small, or qwen2.5-1.5b (random init, real shape)")
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--questions", type=int, default=8)
     p.add_argument("--step", type=int, default=16, help="max_step_tokens (random text has no \\n\\n)")
     p.add_argument("--max-rows", type=int, default=256, help="engine.Decoder pool size")
     p.add_argument("--repeat", type=int, default=3, help="(b): report the fastest of this many runs")
+    p.add_argument("--decode-only", action="store_true", help="(a) only")
+    p.add_argument("--engine", default="both", choices=["both", "lockstep", "decoder"], help="(b): which engines")
     p.set_defaults(func=bench_rollout)
+    p = sub.add_parser("sample", help="engine.sample against generate's sampler on one step's logits")
+    p.add_argument("--vocab", default="tiny", choices=["tiny", "qwen"])
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--n", type=int, default=20, help="calls to time")
+    p.set_defaults(func=bench_sample)
     p = sub.add_parser("train", help="training tokens/s of one optimizer step")
     p.add_argument("--model", default="tiny")
     p.add_argument("--rows", type=int, default=8)

@@ -19,21 +19,30 @@ sequences, all in one KV cache:
     Left columns that are padding in every row are dropped as rows leave.
 So a question whose round is done starts its next round while other
 questions' long responses are still decoding, and the pool stays full.
+The pool's cache (_Layer) keeps spare columns, so a step writes its keys and
+values in place; DynamicCache, which generate uses, copies the whole cache to
+append one column. Copies happen only when rows join or leave, or every
+`spare` (128) steps.
 
-Sampling is the same as generate's (temperature, then top-k, then top-p, one
-torch.multinomial draw per row from the global RNG; greedy when temperature is
-0): a single sequence gets exactly the tokens generate would give it for the
+Sampling is the same as generate's (temperature, then top-k, then top-p, then
+the draw torch.multinomial makes, from the global RNG; greedy when temperature
+is 0): a single sequence gets exactly the tokens generate would give it for the
 same seed, and greedy decoding gives identical tokens whatever the batch
 (tests/test_engine.py). With several rows the draws are the same distribution,
 not the same numbers, since the batch composition differs from generate's.
+With top-k on, top-p sorts only the k candidates, not the vocabulary (Qwen's
+152k ids per row); the random draw still spans the vocabulary, which is what
+keeps generate's tokens for a seed.
 Log-probs are recorded as tree.generate_expander records them: the
 temperature-scaled distribution over the tokenizer's vocabulary, one (B, V)
 step at a time; ids past the vocabulary (Qwen's padded embedding) are never
 sampled.
 
 What it does not do: share KV blocks between branches of one tree (each
-request prefills its whole prefix, a cost that is small next to decoding), or
-page the cache. Models with sliding-window layers need rollout_engine: lockstep.
+request prefills its whole prefix: bench.py rollout measures that share), or
+page the cache (rows of different lengths share one width, so attention also
+reads the left padding: bench.py rollout prints how much).
+Models with sliding-window layers need rollout_engine: lockstep.
 """
 from __future__ import annotations
 
@@ -44,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from tree import Sampling, left_pad
 
@@ -58,15 +68,27 @@ def sample(logits: torch.Tensor, vocab: int, sampling: Sampling) -> tuple[torch.
         return tok, F.log_softmax(scores, -1).gather(1, tok[:, None]).squeeze(1)
     scores = scores / sampling.temperature
     policy = F.log_softmax(scores, -1)                        # (B, V_model) before the sampler's cut
-    if sampling.top_k > 0:
-        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1])).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, -float("inf"))
+    ids = None  # the candidate ids, ascending, once top-k has cut the row to k of them
+    if 0 < sampling.top_k < vocab:
+        kept, ids = torch.topk(scores, sampling.top_k)        # (B, k)
+        if bool((scores >= kept[:, -1:]).sum(-1).max() == sampling.top_k):
+            ids, order = ids.sort(-1)
+            scores = kept.gather(1, order)                    # (B, k): top-p sorts k scores, not V
+        else:  # a tie at the k-th score: generate keeps every tied id, so cut the whole row
+            scores, ids = scores.masked_fill(scores < kept[:, -1:], -float("inf")), None
     if sampling.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=False)
         drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
         drop[:, -1] = False                                   # keep the most likely token
         scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
-    tok = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+    # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1) drawn for every id of
+    # the row. Drawing q for the whole row keeps generate's random stream (same seed, same
+    # token) while only the candidates are compared.
+    q = torch.empty_like(policy).exponential_()               # (B, V_model)
+    if ids is not None:
+        q = q.gather(1, ids)                                  # (B, k)
+    pick = (scores.softmax(-1) / q).argmax(-1, keepdim=True)  # (B, 1)
+    tok = (pick if ids is None else ids.gather(1, pick)).squeeze(1)
     return tok, policy.gather(1, tok[:, None]).squeeze(1)
 
 
@@ -96,6 +118,41 @@ class _Row:
     budget: int
     ids: list[int] = field(default_factory=list)
     logps: list[float] = field(default_factory=list)
+
+
+class _Layer(DynamicLayer):
+    """DynamicLayer concatenates every decode step, a copy of the whole cache per
+    token. This one keeps `spare` free columns after the last one: a step writes
+    its keys and values in place, and keys / values are views of the buffers.
+    Rows are packed by place(), which the pool calls when rows join or leave."""
+    spare = 128
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        T, n = self.get_seq_length(), key_states.shape[-2]
+        if T + n > self.kbuf.shape[2]:
+            self.place([(self.keys, self.values)], T)       # out of spare columns: one copy
+        self.kbuf[:, :, T:T + n], self.vbuf[:, :, T:T + n] = key_states, value_states
+        self.keys, self.values = self.kbuf[:, :, :T + n], self.vbuf[:, :, :T + n]
+        return self.keys, self.values
+
+    def place(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
+        """New buffers holding each (keys, values) of `parts` on the batch axis,
+        right-aligned to `width` columns (zeros on the left), then `spare` free."""
+        if not self.is_initialized:
+            self.lazy_initialization(*parts[0])
+        k0, v0 = parts[0]
+        B = sum(k.shape[0] for k, _ in parts)
+        kbuf = k0.new_empty(B, k0.shape[1], width + self.spare, k0.shape[3])  # (B, heads, T + spare, head_dim)
+        vbuf = v0.new_empty(B, v0.shape[1], width + self.spare, v0.shape[3])
+        row = 0
+        for k, v in parts:
+            b, pad = k.shape[0], width - k.shape[2]
+            for buf, x in ((kbuf, k), (vbuf, v)):
+                buf[row:row + b, :, :pad] = 0                # masked, but must not be NaN
+                buf[row:row + b, :, pad:width] = x
+            row += b
+        self.kbuf, self.vbuf = kbuf, vbuf
+        self.keys, self.values = kbuf[:, :, :width], vbuf[:, :, :width]
 
 
 class Decoder:
@@ -170,17 +227,16 @@ class Decoder:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                          logits_to_keep=1)
         new = [_Row(key, budget) for key, _, budget in requests]
-        if self.rows:  # left-pad the shorter of (pool, newcomers) and stack on the batch axis
-            T = max(self.mask.shape[1], width)
-            for old_layer, new_layer in zip(self.cache.layers, cache.layers):
-                for name in ("keys", "values"):
-                    a, b = getattr(old_layer, name), getattr(new_layer, name)  # (B, H, T_a, D), (n, H, W, D)
-                    setattr(old_layer, name, torch.cat([F.pad(a, (0, 0, T - a.shape[2], 0)),
-                                                        F.pad(b, (0, 0, T - b.shape[2], 0))]))
+        T = max(self.mask.shape[1], width) if self.rows else width
+        if not self.rows:
+            self.cache = Cache(layers=[_Layer() for _ in cache.layers])
+        for pool, fresh in zip(self.cache.layers, cache.layers):  # the pool's rows, then the newcomers
+            pool.place(([(pool.keys, pool.values)] if self.rows else []) + [(fresh.keys, fresh.values)], T)
+        if self.rows:
             self.mask = torch.cat([F.pad(self.mask, (T - self.mask.shape[1], 0)), F.pad(mask, (T - width, 0))])
             self.pos = torch.cat([self.pos, pos[:, -1] + 1])
         else:
-            self.cache, self.mask, self.pos = cache, mask, pos[:, -1] + 1
+            self.mask, self.pos = mask, pos[:, -1] + 1
         tok, logp = sample(out.logits[:, -1], self.vocab, self.sampling)
         self._take(tok, logp, new)
         self.rows += new
@@ -202,5 +258,5 @@ class Decoder:
         first = int(self.mask.any(0).nonzero()[0])  # leading columns that are padding for every row
         self.mask = self.mask[:, first:]
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[idx, :, first:], layer.values[idx, :, first:]
+            layer.place([(layer.keys[idx, :, first:], layer.values[idx, :, first:])], self.mask.shape[1])
         return done

@@ -17,6 +17,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 {
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+echo "== bench sample: engine.sample vs generate's sampler on Qwen's vocabulary (issue 6)"
+timeout 30 python3 bench.py sample --vocab qwen --rows 256 --n 20
 echo "== bench rollout (issue 6, item 2)"
 timeout 180 python3 bench.py rollout --model qwen2.5-1.5b --rows 64 --tokens 192 --questions 16 --step 48 --repeat 1
 echo "== bench train (issue 6, item 3)"

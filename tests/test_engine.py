@@ -42,6 +42,26 @@ def test_greedy_matches_generate_whatever_the_pool(tiny_model, tiny_tokenizer):
             assert len(ids) == budgets[i] or ids[-1] == tok.eos_token_id
 
 
+def test_cache_outgrowing_its_spare_columns_changes_nothing(tiny_model, tiny_tokenizer, monkeypatch):
+    """The pool's cache writes each step into spare columns and reallocates
+    when they run out: with one spare column (a reallocation every step) and
+    with none used up (the default), greedy tokens and log-probs are generate's."""
+    tok, model = tiny_tokenizer, tiny_model
+    prefixes = [tok(t)["input_ids"] for t in PREFIX_TEXTS]
+    budgets = [24, 3, 17, 30, 1, 9]
+    s = Sampling(temperature=0.0, max_response_tokens=30)
+    ref = tree.generate_expander(model, tok, s, prefixes, budgets)
+    for spare in (1, 2, 1000):
+        monkeypatch.setattr(engine._Layer, "spare", spare)
+        dec = engine.Decoder(model, tok, s, max_rows=3)
+        for i, (p, b) in enumerate(zip(prefixes, budgets)):
+            dec.submit(i, p, b)
+        got = drain(dec)
+        for i, (ids, lp) in enumerate(ref):
+            assert got[i][0] == ids, spare
+            torch.testing.assert_close(torch.tensor(got[i][1]), torch.tensor(lp), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("top_p,top_k", [(1.0, 0), (0.8, 0), (1.0, 5), (0.9, 20)])
 def test_one_sequence_samples_the_tokens_generate_samples(tiny_model, tiny_tokenizer, top_p, top_k):
     """Same seed, same single sequence: the same tokens as HF generate (the
@@ -58,6 +78,35 @@ def test_one_sequence_samples_the_tokens_generate_samples(tiny_model, tiny_token
         ids, lp = drain(dec)["q"]
         assert ids == ref_ids
         torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("top_p,top_k", [(1.0, 0), (0.8, 0), (1.0, 5), (0.9, 20), (0.5, 3)])
+def test_sample_draws_what_generate_draws_row_by_row(top_p, top_k):
+    """engine.sample against transformers' own warpers (temperature -> top-k ->
+    top-p) and torch.multinomial, same seed: the same token in every row, ties at
+    the k-th score included, never an id past `vocab` (a padded embedding)."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    vocab, V = 300, 320
+    s = Sampling(temperature=0.7, top_p=top_p, top_k=top_k)
+    warpers = [TemperatureLogitsWarper(0.7)] + ([TopKLogitsWarper(top_k)] if top_k else []) + \
+        ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(256, V, generator=g) * 3
+        if seed % 2:  # bf16-like logits: many exact ties, some at the k-th score
+            logits = logits.round()
+        ref = logits.clone()
+        ref[:, vocab:] = -float("inf")
+        for w in warpers:
+            ref = w(None, ref)
+        torch.manual_seed(seed)
+        want = torch.multinomial(ref.softmax(-1), 1).squeeze(1)
+        torch.manual_seed(seed)
+        got, lp = engine.sample(logits.clone(), vocab, s)
+        assert torch.equal(got, want), (seed, int((got != want).sum()))
+        assert int(got.max()) < vocab
+        torch.testing.assert_close(lp, torch.log_softmax(logits[:, :vocab] / 0.7, -1).gather(1, got[:, None])[:, 0])
 
 
 def test_sampled_logprobs_match_a_forward_pass_and_stay_in_vocab(tiny_model, tiny_tokenizer):
