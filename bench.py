@@ -321,42 +321,47 @@ def bench_rollout(args):
     prompts = [tok(f"Compute {i}+{i + 3}-2.")["input_ids"] for i in range(args.questions)]
     fake = lambda texts, answers: ([float(len(t) % 2) for t in texts], {})
     engines = {"lockstep": lambda: engine.Lockstep(functools.partial(tree.generate_expander, model, tok, s)),
-               "decoder": lambda: engine.Decoder(model, tok, s, max_rows=args.max_rows)}
+               "decoder": lambda: engine.Decoder(model, tok, s, max_rows=args.max_rows),
+               # the same without reusing kept caches: every branch prefills its prefix
+               "prefill": lambda: engine.Decoder(model, tok, s, max_rows=args.max_rows, reuse_prefix_kv=False)}
     print(f"  (b) {args.questions} questions, steps of {args.step} tokens, decoder pool {args.max_rows} rows, "
           f"fastest of {args.repeat}")
-    res = {}
-    engines = {k: v for k, v in engines.items() if args.engine in (k, "both")}
-    for eng in engines:
-        for name, cfg in [("ib (4,9,1,1)", tree.TreeConfig(B0=4, L=9, strategy="ib", max_step_tokens=args.step)),
-                          # the same G = 12 in 3 rounds of 4 branches: a third of the sequential depth
-                          ("ib (4,3,4,1)", tree.TreeConfig(B0=4, L=3, K=4, strategy="ib", max_step_tokens=args.step)),
-                          ("GRPO G=8", tree.TreeConfig(B0=8, L=1, strategy="independent",
-                                                       max_step_tokens=args.step))]:
-            times = []
-            for _ in range(args.repeat):  # the fastest of a few: this is often a shared machine
+    engines = {k: v for k, v in engines.items() if k in args.engine}
+    trees_cfg = {"ib (4,9,1,1)": tree.TreeConfig(B0=4, L=9, strategy="ib", max_step_tokens=args.step),
+                 # the same G = 12 in 3 rounds of 4 branches: a third of the sequential depth
+                 "ib (4,3,4,1)": tree.TreeConfig(B0=4, L=3, K=4, strategy="ib", max_step_tokens=args.step),
+                 "GRPO G=8": tree.TreeConfig(B0=8, L=1, strategy="independent", max_step_tokens=args.step)}
+    times, res, notes = {}, {}, {}
+    for _ in range(args.repeat):  # the fastest of a few, interleaved: this is often a shared machine
+        for eng in engines:
+            for name, cfg in trees_cfg.items():
                 torch.manual_seed(0)
                 rollout = engines[eng]()
                 log = dict.fromkeys(("steps", "rows", "cells", "real", "prefill_s", "admit_s"), 0)
-                if eng == "decoder":
+                if eng != "lockstep":
                     instrument(rollout, log, device)
                 sync(device); t0 = time.perf_counter()
                 trees, _ = tree.grow(prompts, ["1"] * len(prompts), rollout, fake, tok, cfg, T, random.Random(0))
                 sync(device)
-                times.append(time.perf_counter() - t0)
-            res[eng, name] = (min(times), tree.tree_stats(trees, cfg)["gen_tokens"])
-            depth = (f"  {log['steps']} decode steps, {log['rows'] / log['steps']:.0f} rows on average, "
-                     f"{1 - log['real'] / log['cells']:.0%} of attended cache columns padding, "
-                     f"of the time: prefill {log['prefill_s'] / times[-1]:.0%}, joining the pool "
-                     f"{(log['admit_s'] - log['prefill_s']) / times[-1]:.0%}") if log["steps"] else ""
-            print(f"      {eng:8s} {name:14s} {res[eng, name][0]:7.2f} s  {res[eng, name][1]:7d} generated tokens{depth}")
+                dt = time.perf_counter() - t0
+                times.setdefault((eng, name), []).append(dt)
+                res[eng, name] = (min(times[eng, name]), tree.tree_stats(trees, cfg)["gen_tokens"])
+                notes[eng, name] = (f"  {log['steps']} decode steps, {log['rows'] / log['steps']:.0f} rows on average, "
+                                    f"{1 - log['real'] / log['cells']:.0%} of attended cache columns padding, "
+                                    f"of the time: prefill {log['prefill_s'] / dt:.0%}, joining the pool "
+                                    f"{(log['admit_s'] - log['prefill_s']) / dt:.0%}; prefix tokens prefilled "
+                                    f"{rollout.prefilled_tokens}, copied {rollout.reused_tokens}") if log["steps"] else ""
+    for eng, name in res:
+        print(f"      {eng:8s} {name:14s} {res[eng, name][0]:7.2f} s  {res[eng, name][1]:7d} generated tokens"
+              f"{notes[eng, name]}")
     for eng in engines:
         for tree_name in ("ib (4,9,1,1)", "ib (4,3,4,1)"):
             (ti, ni), (tg, ng) = res[eng, tree_name], res[eng, "GRPO G=8"]
             print(f"      {eng:8s} {tree_name} / GRPO: wall time {ti / tg:.2f}x, generated tokens {ni / ng:.2f}x, "
                   f"wall time per token {(ti / ni) / (tg / ng):.2f}x (target: wall time within 1.3x)")
-    if len(engines) == 2:
-        speedup = {name: res["decoder", name][0] / res["lockstep", name][0] for name in ("ib (4,9,1,1)", "GRPO G=8")}
-        print(f"      decoder / lockstep wall time: IBTree {speedup['ib (4,9,1,1)']:.2f}x, "
+    for eng in [e for e in ("lockstep", "prefill") if e in engines and "decoder" in engines]:
+        speedup = {name: res["decoder", name][0] / res[eng, name][0] for name in ("ib (4,9,1,1)", "GRPO G=8")}
+        print(f"      decoder / {eng} wall time: IBTree {speedup['ib (4,9,1,1)']:.2f}x, "
               f"GRPO {speedup['GRPO G=8']:.2f}x")
 
 
@@ -532,7 +537,9 @@ def main():
     p.add_argument("--max-rows", type=int, default=256, help="engine.Decoder pool size")
     p.add_argument("--repeat", type=int, default=3, help="(b): report the fastest of this many runs")
     p.add_argument("--decode-only", action="store_true", help="(a) only")
-    p.add_argument("--engine", default="both", choices=["both", "lockstep", "decoder"], help="(b): which engines")
+    p.add_argument("--engine", nargs="+", default=["lockstep", "decoder", "prefill"],
+                   choices=["lockstep", "decoder", "prefill"],
+                   help="(b): engines; prefill is the decoder without KV reuse for branches")
     p.set_defaults(func=bench_rollout)
     p = sub.add_parser("sample", help="engine.sample against generate's sampler on one step's logits")
     p.add_argument("--vocab", default="tiny", choices=["tiny", "qwen"])

@@ -45,6 +45,8 @@ class Config:
     max_response_tokens: int = 2048
     rollout_engine: str = "decoder"      # decoder: continuous batching (engine.py) | lockstep: one generate per round
     max_rows: int = 256                  # decoder: sequences decoded together per rank
+    reuse_prefix_kv: bool = True         # decoder: a branch copies its prefix's KV cache from the request that
+                                         # generated it instead of prefilling it (memory: growing trees' caches)
     # --- advantages and loss (sections 5, 6)
     lam: float = 0.1                     # weight of A_IB in A = A_GL + lam * A_IB
     eps_low: float = 0.2

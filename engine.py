@@ -19,6 +19,15 @@ sequences, all in one KV cache:
     Left columns that are padding in every row are dropped as rows leave.
 So a question whose round is done starts its next round while other
 questions' long responses are still decoding, and the pool stays full.
+A branch need not prefill its prefix again (reuse_prefix_kv, on by default):
+grow() asks the Decoder to keep the cache of each finished request of a tree
+that has rounds to come (keep=True), and names, with each branch, the request
+that generated the newest leaf below the branch node (reuse=key): that
+request's tokens start with the branch's prefix, so its cache columns are
+copied and the branch feeds only the prefix's last token. A kept request
+stores only the columns it added to what it copied (a tree's shared prefixes
+are stored once), and grow() releases a tree's caches when the tree is done.
+The price is memory: the caches of every tree still growing.
 The pool's cache (_Layer) keeps spare columns, so a step writes its keys and
 values in place; DynamicCache, which generate uses, copies the whole cache to
 append one column. Copies happen only when rows join or leave, or every
@@ -38,10 +47,10 @@ temperature-scaled distribution over the tokenizer's vocabulary, one (B, V)
 step at a time; ids past the vocabulary (Qwen's padded embedding) are never
 sampled.
 
-What it does not do: share KV blocks between branches of one tree (each
-request prefills its whole prefix: bench.py rollout measures that share), or
-page the cache (rows of different lengths share one width, so attention also
-reads the left padding: bench.py rollout prints how much).
+What it does not do: page the cache (rows of different lengths share one
+width, so attention also reads the left padding: bench.py rollout prints how
+much), or share cache memory between the pool's rows (a branch's copied
+prefix is a copy).
 Models with sliding-window layers need rollout_engine: lockstep.
 """
 from __future__ import annotations
@@ -100,8 +109,11 @@ class Lockstep:
     def __init__(self, expand):
         self.expand, self.queue = expand, []
 
-    def submit(self, key, prefix: list[int], max_new: int, priority: int = 0) -> None:
+    def submit(self, key, prefix: list[int], max_new: int, priority: int = 0, reuse=None, keep: bool = False) -> None:
         self.queue.append((key, prefix, max_new))  # one call takes everything: no order to choose
+
+    def release(self, keys) -> None:
+        """Nothing to free: generate keeps no cache between calls."""
 
     def busy(self) -> bool:
         return bool(self.queue)
@@ -116,6 +128,10 @@ class Lockstep:
 class _Row:
     key: object
     budget: int
+    keep: bool = False            # keep its KV when it finishes, for later branches
+    parent: object = None         # the kept row its first `start` cached tokens were copied from
+    start: int = 0
+    seq: list[int] = field(default_factory=list)  # its prefix
     ids: list[int] = field(default_factory=list)
     logps: list[float] = field(default_factory=list)
 
@@ -158,7 +174,8 @@ class _Layer(DynamicLayer):
 class Decoder:
     """A continuously refilled pool of at most max_rows sequences."""
 
-    def __init__(self, model, tokenizer, sampling: Sampling, max_rows: int = 128, prefill_tokens: int = 32768):
+    def __init__(self, model, tokenizer, sampling: Sampling, max_rows: int = 128, prefill_tokens: int = 32768,
+                 reuse_prefix_kv: bool = True):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):
@@ -175,12 +192,26 @@ class Decoder:
         self.mask = None              # (B, T) 1 where the cache holds a real token
         self.last = None              # (B,) sampled token not yet fed
         self.pos = None               # (B,) its position id
+        self.reuse_prefix_kv = reuse_prefix_kv
+        self.kept: dict = {}          # key -> (parent key, start, its tokens, per layer (K, V) of tokens start:)
+        self.prefilled_tokens = self.reused_tokens = 0
 
-    def submit(self, key, prefix: list[int], max_new: int, priority: int = 0) -> None:
-        """Queue a request; higher priority joins the pool first, ties in order."""
+    def submit(self, key, prefix: list[int], max_new: int, priority: int = 0, reuse=None, keep: bool = False) -> None:
+        """Queue a request; higher priority joins the pool first, ties in order.
+        keep: hold this request's KV cache once it finishes, under `key` (unique
+        among kept requests), until release(). reuse: the key of a kept request
+        whose tokens start with `prefix`: its cache is copied instead of
+        prefilling the prefix again."""
         if max_new < 1:
             raise ValueError(f"max_new must be >= 1, got {max_new}")
-        heapq.heappush(self.queue, (-priority, next(self.order), key, list(prefix), max_new))
+        if not self.reuse_prefix_kv:
+            reuse, keep = None, False
+        heapq.heappush(self.queue, (-priority, next(self.order), key, list(prefix), max_new, reuse, keep))
+
+    def release(self, keys) -> None:
+        """Free the kept caches of these requests (those of one finished tree)."""
+        for key in keys:
+            self.kept.pop(key, None)
 
     def busy(self) -> bool:
         return bool(self.queue or self.rows)
@@ -219,41 +250,82 @@ class Decoder:
             row.logps.append(lp)
 
     def _admit(self, requests: list[tuple]) -> None:
-        """Prefill new requests in one left-padded batch and join them to the pool."""
-        ids, mask = left_pad([p for _, p, _ in requests], self.pad)
-        ids, mask, width = ids.to(self.device), mask.to(self.device), ids.shape[1]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)                        # (n, W)
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                         logits_to_keep=1)
-        new = [_Row(key, budget) for key, _, budget in requests]
-        T = max(self.mask.shape[1], width) if self.rows else width
+        """Join new requests to the pool. A request whose prefix a kept row
+        holds copies that row's cache and feeds its last prefix token at the
+        next step; the others are prefilled in one left-padded batch."""
+        warm, cold = [], []
+        for key, prefix, budget, reuse, keep in requests:
+            kv = self._kept_prefix(reuse, prefix) if reuse is not None and len(prefix) > 1 else None
+            row = _Row(key, budget, keep, seq=prefix)
+            if kv:
+                row.parent, row.start = reuse, len(prefix) - 1
+            (warm if kv else cold).append((row, kv))
+        # blocks of rows to stack: (per layer (K, V), mask (n, W), position (n,), token to feed (n,), rows)
+        blocks = [([(layer.keys, layer.values) for layer in self.cache.layers], self.mask, self.pos, self.last,
+                   self.rows)] if self.rows else []
+        if cold:
+            ids, mask = left_pad([row.seq for row, _ in cold], self.pad)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)                    # (n, W)
+            cache = DynamicCache()
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                             logits_to_keep=1)
+            tok, logp = sample(out.logits[:, -1], self.vocab, self.sampling)
+            self._take(tok, logp, [row for row, _ in cold])
+            blocks.append(([(layer.keys, layer.values) for layer in cache.layers], mask, pos[:, -1] + 1, tok,
+                           [row for row, _ in cold]))
+            self.prefilled_tokens += int(mask.sum())
+        for row, kv in warm:
+            n = row.start
+            blocks.append((kv, torch.ones(1, n, dtype=torch.long, device=self.device),
+                           torch.tensor([n], device=self.device), torch.tensor([row.seq[-1]], device=self.device),
+                           [row]))
+            self.reused_tokens += n
+        T = max(mask.shape[1] for _, mask, _, _, _ in blocks)
         if not self.rows:
-            self.cache = Cache(layers=[_Layer() for _ in cache.layers])
-        for pool, fresh in zip(self.cache.layers, cache.layers):  # the pool's rows, then the newcomers
-            pool.place(([(pool.keys, pool.values)] if self.rows else []) + [(fresh.keys, fresh.values)], T)
-        if self.rows:
-            self.mask = torch.cat([F.pad(self.mask, (T - self.mask.shape[1], 0)), F.pad(mask, (T - width, 0))])
-            self.pos = torch.cat([self.pos, pos[:, -1] + 1])
-        else:
-            self.mask, self.pos = mask, pos[:, -1] + 1
-        tok, logp = sample(out.logits[:, -1], self.vocab, self.sampling)
-        self._take(tok, logp, new)
-        self.rows += new
-        self.last = tok if self.last is None else torch.cat([self.last, tok])
+            self.cache = Cache(layers=[_Layer() for _ in blocks[0][0]])
+        for i, layer in enumerate(self.cache.layers):
+            layer.place([kv[i] for kv, *_ in blocks], T)
+        self.mask = torch.cat([F.pad(mask, (T - mask.shape[1], 0)) for _, mask, _, _, _ in blocks])
+        self.pos = torch.cat([pos for _, _, pos, _, _ in blocks])
+        self.last = torch.cat([last for _, _, _, last, _ in blocks])
+        self.rows = [row for *_, rows in blocks for row in rows]
+
+    def _kept_prefix(self, key, prefix: list[int]):
+        """Per layer (K, V), (1, heads, len(prefix) - 1, head_dim): the cache of
+        prefix[:-1] from kept request `key`, or None if it was released."""
+        if key not in self.kept:
+            return None
+        L, (parent, start, seq, own) = len(prefix) - 1, self.kept[key]
+        if seq[:L] != prefix[:L]:
+            raise ValueError(f"reuse={key!r}: that request's tokens do not start with this prefix")
+        if L <= start:
+            return self._kept_prefix(parent, prefix)
+        tail = [(k[:, :, :L - start], v[:, :, :L - start]) for k, v in own]
+        head = self._kept_prefix(parent, prefix[:start + 1]) if start else []
+        if head is None:
+            return None
+        return [(torch.cat([hk, k], 2), torch.cat([hv, v], 2)) for (hk, hv), (k, v) in zip(head, tail)] if head \
+            else tail
 
     def _retire(self) -> list[tuple]:
         """Drop finished rows from the pool (and all-padding columns with them)."""
-        finished = [r.ids[-1] == self.eos or len(r.ids) >= r.budget for r in self.rows]
+        finished = [bool(r.ids) and (r.ids[-1] == self.eos or len(r.ids) >= r.budget) for r in self.rows]
         if not any(finished):
             return []
+        for i, (r, f) in enumerate(zip(self.rows, finished)):
+            if f and r.keep:  # its own columns: the last (tokens fed - start) of the row
+                own = int(self.mask[i].sum()) - r.start
+                self.kept[r.key] = (r.parent, r.start, r.seq + r.ids[:-1],
+                                    [(layer.keys[i:i + 1, :, -own:].clone(), layer.values[i:i + 1, :, -own:].clone())
+                                     for layer in self.cache.layers])
         done = [(r.key, r.ids, r.logps) for r, f in zip(self.rows, finished) if f]
-        keep = [i for i, f in enumerate(finished) if not f]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
+        stay = [i for i, f in enumerate(finished) if not f]
+        self.rows = [self.rows[i] for i in stay]
+        if not stay:
             self.cache = self.mask = self.last = self.pos = None
             return done
-        idx = torch.tensor(keep, device=self.device)
+        idx = torch.tensor(stay, device=self.device)
         self.mask, self.last, self.pos = self.mask[idx], self.last[idx], self.pos[idx]
         first = int(self.mask.any(0).nonzero()[0])  # leading columns that are padding for every row
         self.mask = self.mask[:, first:]

@@ -17,8 +17,9 @@ Every step (PAPER.md sections 4-6):
 
 Simplifications against the paper (which used verl + vLLM on 8 x A100):
   - Rollouts run on the training weights, gathered once per rollout phase, with
-    engine.Decoder (continuous batching over one KV cache, no paged attention or
-    prefix sharing) or HF generate: no separate inference engine like vLLM.
+    engine.Decoder (continuous batching over one KV cache; branches copy their
+    prefix's cache from the request that generated it; no paged attention) or
+    HF generate: no separate inference engine like vLLM.
   - The ratio's old log-probs come from the training forward pass. With
     updates_per_batch = 1 (default) they are the detached current log-probs,
     so the ratio is 1 and the clip is inactive, as in on-policy GRPO.
@@ -138,7 +139,7 @@ def tree_config(cfg: Config) -> tree.TreeConfig:
 def make_engine(model, tok, sampling: tree.Sampling, cfg: Config):
     """The rollout engine tree.grow() drives (config key rollout_engine)."""
     if cfg.rollout_engine == "decoder":
-        return engine.Decoder(model, tok, sampling, cfg.max_rows)
+        return engine.Decoder(model, tok, sampling, cfg.max_rows, reuse_prefix_kv=cfg.reuse_prefix_kv)
     return engine.Lockstep(functools.partial(tree.generate_expander, model, tok, sampling))
 
 

@@ -334,8 +334,11 @@ def grow(prompts: list[list[int]], answers: list[str], engine, reward_fn, tokeni
     moves to its next round as soon as all continuations of its current round
     are back: with engine.Lockstep that is one expand() per round for all questions;
     with engine.Decoder a question never waits for another's long responses.
-    engine: submit(key, prefix, max_new, priority), busy(), step() -> [(key, ids,
-    logps)]; the priority is the question's round (later rounds are more urgent).
+    engine: submit(key, prefix, max_new, priority, reuse, keep), busy(), step() ->
+    [(key, ids, logps)], release(keys); the priority is the question's round
+    (later rounds are more urgent); keep asks the engine to hold a request's KV
+    cache for later branches, reuse names the request that generated the newest
+    leaf below the branch node, and a complete tree's requests are released.
     reward_fn(texts, answers) -> (rewards, counts); returns the trees and the
     verifier's counts summed over calls."""
     if cfg.strategy not in STRATEGIES:
@@ -346,7 +349,8 @@ def grow(prompts: list[list[int]], answers: list[str], engine, reward_fn, tokeni
     waiting = [0] * len(trees)               # continuations still out, per question
     fresh: list[list[Node]] = [[] for _ in trees]  # leaves of the current round
     rngs = [random.Random(rng.getrandbits(64)) for _ in trees]  # picks never depend on the engine's timing
-    verifier = {}
+    made_by: dict[Node, tuple] = {}          # leaf -> the request that generated it
+    verifier, count = {}, itertools.count()
 
     def next_round(i: int) -> None:
         t = trees[i]
@@ -356,31 +360,43 @@ def grow(prompts: list[list[int]], answers: list[str], engine, reward_fn, tokeni
             chosen = [n for n in pick(branchable(t, max_response_tokens), cfg.K, rngs[i], cfg) for _ in range(cfg.B)]
         else:
             chosen = []
+        if not chosen:  # this tree is complete: its kept caches can go
+            engine.release([made_by[leaf] for leaf in t.leaves()])
         rounds[i] += 1
         waiting[i] = len(chosen)
         for n in chosen:
-            engine.submit((i, n), t.prompt_ids + n.response_ids(), max_response_tokens - n.n_tokens, rounds[i])
+            leaf = n  # the newest leaf below n: its request's tokens start with n's prefix
+            while leaf.children:
+                leaf = leaf.children[-1]
+            engine.submit((i, n, next(count)), t.prompt_ids + n.response_ids(), max_response_tokens - n.n_tokens,
+                          rounds[i], reuse=made_by.get(leaf), keep=rounds[i] < cfg.L)
 
-    for i in range(len(trees)):
-        next_round(i)
-    while engine.busy():
-        for (i, node), ids, logps in engine.step():
-            fresh[i].append(attach(trees[i], node, ids, logps, tokenizer, cfg))
-            waiting[i] -= 1
-        done = [i for i in range(len(trees)) if fresh[i] and not waiting[i]]
-        leaves = [leaf for i in done for leaf in fresh[i]]
-        if not leaves:
-            continue
-        texts = tokenizer.batch_decode([leaf.response_ids() for leaf in leaves], skip_special_tokens=True)
-        rewards, counts = reward_fn(texts, [trees[i].answer for i in done for _ in fresh[i]])
-        for key, v in counts.items():
-            verifier[key] = verifier.get(key, 0) + v
-        for leaf, r in zip(leaves, rewards):
-            leaf.reward = float(r)
-        for i in done:
-            trees[i].update_values()
-            fresh[i] = []
+    try:
+        for i in range(len(trees)):
             next_round(i)
+        while engine.busy():
+            for key, ids, logps in engine.step():
+                i, node, _ = key
+                leaf = attach(trees[i], node, ids, logps, tokenizer, cfg)
+                made_by[leaf] = key
+                fresh[i].append(leaf)
+                waiting[i] -= 1
+            done = [i for i in range(len(trees)) if fresh[i] and not waiting[i]]
+            leaves = [leaf for i in done for leaf in fresh[i]]
+            if not leaves:
+                continue
+            texts = tokenizer.batch_decode([leaf.response_ids() for leaf in leaves], skip_special_tokens=True)
+            rewards, counts = reward_fn(texts, [trees[i].answer for i in done for _ in fresh[i]])
+            for key, v in counts.items():
+                verifier[key] = verifier.get(key, 0) + v
+            for leaf, r in zip(leaves, rewards):
+                leaf.reward = float(r)
+            for i in done:
+                trees[i].update_values()
+                fresh[i] = []
+                next_round(i)
+    finally:  # nothing stays kept in an engine that outlives this call (say the verifier failed)
+        engine.release(list(made_by.values()))
     return trees, verifier
 
 

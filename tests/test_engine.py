@@ -190,13 +190,66 @@ def test_grow_with_the_decoder_builds_the_same_trees_greedily(tiny_model, tiny_t
     s = Sampling(temperature=0.0, max_response_tokens=40)
     cfg = TreeConfig(B0=2, L=4, K=1, B=2, strategy="random", max_step_tokens=5)
     a, _ = _grow(model, tok, cfg, lambda: engine.Lockstep(functools.partial(tree.generate_expander, model, tok, s)), 0)
-    log = []
-    b, counts = _grow(model, tok, cfg, lambda: engine.Decoder(model, tok, s, max_rows=3), 0, log)
 
     def shape(t):
         return [(n.ids, n.terminal, n.reward) for n in t.nodes()]
-    assert [shape(t) for t in a] == [shape(t) for t in b]
-    assert sum(log) == 3 * cfg.G and counts["correct"] == sum(n.reward for t in b for n in t.leaves())
+    for reuse in (True, False):  # branches copy their prefix's cache from an earlier request, or prefill it
+        log, made = [], []
+        b, counts = _grow(model, tok, cfg, lambda: made.append(engine.Decoder(
+            model, tok, s, max_rows=3, reuse_prefix_kv=reuse)) or made[-1], 0, log)
+        assert [shape(t) for t in a] == [shape(t) for t in b], reuse
+        assert sum(log) == 3 * cfg.G and counts["correct"] == sum(n.reward for t in b for n in t.leaves())
+        assert (made[0].reused_tokens > 0) == reuse
+        assert not made[0].kept  # every finished tree released its requests' caches
+
+
+def test_grow_releases_each_tree_when_it_is_complete(tiny_model, tiny_tokenizer):
+    """Kept caches live only while their tree grows: one release per question,
+    naming that question's G requests, then grow's final clean-up."""
+    tok, model = tiny_tokenizer, tiny_model
+    calls = []
+
+    class Recording(engine.Decoder):
+        def release(self, keys):
+            calls.append(list(keys))
+            super().release(keys)
+    cfg = TreeConfig(B0=2, L=3, K=1, B=1, strategy="ib", max_step_tokens=5)
+    dec = Recording(model, tok, Sampling(temperature=1.0, top_p=1.0, top_k=0), max_rows=4)
+    trees, _ = _grow(model, tok, cfg, lambda: dec, 0)
+    assert len(calls) == len(trees) + 1 and not dec.kept and dec.reused_tokens > 0
+    for keys in calls[:-1]:
+        assert len(keys) == cfg.G and len({i for i, _, _ in keys}) == 1
+    assert {k for keys in calls[:-1] for k in keys} == set(calls[-1])
+
+
+def test_reused_prefix_cache_gives_the_tokens_a_prefill_gives(tiny_model, tiny_tokenizer):
+    """A request reusing a kept request's cache (and one reusing that one's,
+    whose prefix reaches back into the first) decodes greedily exactly what the
+    same request decodes after a fresh prefill; a wrong `reuse` is an error."""
+    tok, model = tiny_tokenizer, tiny_model
+    s = Sampling(temperature=0.0, max_response_tokens=30)
+    p = tok("Compute 12+30-4.")["input_ids"]
+
+    def run(dec, key, prefix, reuse=None):
+        dec.submit(key, prefix, 12, reuse=reuse, keep=True)
+        return drain(dec)[key][0]
+    dec = engine.Decoder(model, tok, s, max_rows=4)
+    a = run(dec, "a", p)
+    b_prefix = p + a[:5]
+    b = run(dec, "b", b_prefix, reuse="a")
+    c_prefix = b_prefix + b[:3]  # its first len(p) + 5 tokens come from "a", the next 3 from "b"
+    c = run(dec, "c", c_prefix, reuse="b")
+    d_prefix = p + a[:2]         # shorter than what "b" copied from "a": "b" hands it on to "a"
+    d = run(dec, "d", d_prefix, reuse="b")
+    assert dec.reused_tokens == len(b_prefix) + len(c_prefix) + len(d_prefix) - 3
+    plain = engine.Decoder(model, tok, s, max_rows=4, reuse_prefix_kv=False)
+    for prefix, got in ((b_prefix, b), (c_prefix, c), (d_prefix, d)):
+        assert run(plain, "x", prefix) == got
+    assert plain.reused_tokens == 0 and not plain.kept
+    with pytest.raises(ValueError, match="reuse='a'"):
+        run(dec, "e", tok("Something else entirely")["input_ids"], reuse="a")
+    dec.release(["a", "b", "c", "d"])
+    assert not dec.kept
 
 
 def test_grow_with_the_decoder_samples_G_leaves_per_question(tiny_model, tiny_tokenizer):
