@@ -24,10 +24,12 @@ grow() asks the Decoder to keep the cache of each finished request of a tree
 that has rounds to come (keep=True), and names, with each branch, the request
 that generated the newest leaf below the branch node (reuse=key): that
 request's tokens start with the branch's prefix, so its cache columns are
-copied and the branch feeds only the prefix's last token. A kept request
-stores only the columns it added to what it copied (a tree's shared prefixes
-are stored once), and grow() releases a tree's caches when the tree is done.
-The price is memory: the caches of every tree still growing.
+copied and the branch feeds only the prefix's last token (its first new token
+then comes one decode step later than after a prefill). A kept request stores
+only the columns it added to what it copied, so a tree's shared prefixes are
+stored about once (the prompt B0 times), and grow() releases a tree's caches
+when the tree is done. The price is memory: the caches of every tree still
+growing. Greedy tokens are the same with and without reuse (tested).
 The pool's cache (_Layer) keeps spare columns, so a step writes its keys and
 values in place; DynamicCache, which generate uses, copies the whole cache to
 append one column. Copies happen only when rows join or leave, or every

@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 echo "== bench sample: engine.sample vs generate's sampler on Qwen's vocabulary (issue 6)"
 timeout 30 python3 bench.py sample --vocab qwen --rows 256 --n 20
 echo "== bench rollout (issue 6, item 2)"
-timeout 180 python3 bench.py rollout --model qwen2.5-1.5b --rows 64 --tokens 192 --questions 16 --step 48 --repeat 1
+timeout 240 python3 bench.py rollout --model qwen2.5-1.5b --rows 64 --tokens 192 --questions 16 --step 48 --repeat 1
 echo "== bench train (issue 6, item 3)"
 timeout 90 python3 bench.py train --model qwen2.5-1.5b --rows 8 --length 2048 --checkpointing
 echo "== train.py, 3 steps of IB-TPO on a random-init Qwen2.5-1.5B shape (issue 4)"
@@ -40,7 +40,7 @@ with open("/tmp/q15.jsonl", "w") as f:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         f.write(json.dumps({"question": f"Compute {a}+{b}.", "answer": str(a + b)}) + "\n")
 PY
-timeout 180 torchrun --standalone --nproc_per_node=1 train.py configs/tiny_cpu.yaml model=/tmp/q15 data=/tmp/q15.jsonl \
+timeout 150 torchrun --standalone --nproc_per_node=1 train.py configs/tiny_cpu.yaml model=/tmp/q15 data=/tmp/q15.jsonl \
   run_dir=/tmp/run_q15 dtype=bfloat16 B0=4 L=9 max_step_tokens=64 max_response_tokens=256 temperature=0.7 top_p=0.95 \
   top_k=20 questions_per_step=16 steps=3 lr=1e-6 micro_batch_tokens=16384 grad_checkpointing=true save_every=0 dump_trees=0
 python3 -c "
