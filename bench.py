@@ -165,7 +165,7 @@ def bench_model(name, device):
     tok = toy.build_tokenizer()
     if name == "tiny":
         model = toy.build_model(tok)
-    elif name == "small":  # 19M parameters: on CPU a decode step costs compute per row, not fixed overhead
+    elif name == "small":  # 19M parameters: a heavier decode step than tiny's, still quick on CPU
         model = toy.build_model(tok, hidden=512, layers=8)
     elif name == "qwen2.5-1.5b":
         from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -208,9 +208,9 @@ def hardware(device):
 
 def instrument(decoder, log: dict, device) -> None:
     """Count, over the decode steps of `decoder`: steps, live rows, attended
-    cache cells (rows x width) and real ones; and time the prefills (the upper
-    bound of what reusing a parent's KV cache for its branches could save) and
-    all of admitting (prefill + copying the newcomers into the pool)."""
+    cache cells (rows x width) and real ones; and time the prefills (what
+    reusing kept caches for branches saves) and all of admitting (prefill +
+    copying the newcomers into the pool)."""
     step, admit, model = decoder.step, decoder._admit, decoder.model
 
     def counted():

@@ -295,20 +295,25 @@ class Decoder:
 
     def _kept_prefix(self, key, prefix: list[int]):
         """Per layer (K, V), (1, heads, len(prefix) - 1, head_dim): the cache of
-        prefix[:-1] from kept request `key`, or None if it was released."""
+        prefix[:-1] from kept request `key` and the requests it copied from, or
+        None if one of them was released."""
+        L = len(prefix) - 1
         if key not in self.kept:
             return None
-        L, (parent, start, seq, own) = len(prefix) - 1, self.kept[key]
-        if seq[:L] != prefix[:L]:
+        if self.kept[key][2][:L] != prefix[:L]:
             raise ValueError(f"reuse={key!r}: that request's tokens do not start with this prefix")
-        if L <= start:
-            return self._kept_prefix(parent, prefix)
-        tail = [(k[:, :, :L - start], v[:, :, :L - start]) for k, v in own]
-        head = self._kept_prefix(parent, prefix[:start + 1]) if start else []
-        if head is None:
-            return None
-        return [(torch.cat([hk, k], 2), torch.cat([hv, v], 2)) for (hk, hv), (k, v) in zip(head, tail)] if head \
-            else tail
+        pieces = []  # each request's own columns that the prefix covers, the last one first
+        while L > 0:
+            if key not in self.kept:
+                return None
+            key, start, _, own = self.kept[key]  # key becomes the request it copied its first `start` from
+            if start < L:
+                pieces.append([(k[:, :, :L - start], v[:, :, :L - start]) for k, v in own])
+                L = start
+        if len(pieces) == 1:
+            return pieces[0]
+        return [(torch.cat([p[i][0] for p in reversed(pieces)], 2), torch.cat([p[i][1] for p in reversed(pieces)], 2))
+                for i in range(len(pieces[0]))]
 
     def _retire(self) -> list[tuple]:
         """Drop finished rows from the pool (and all-padding columns with them)."""
