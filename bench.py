@@ -207,19 +207,12 @@ def hardware(device):
 
 
 def instrument(decoder, log: dict, device) -> None:
-    """Count, over the decode steps of `decoder`: steps, live rows, attended
-    cache cells (rows x width) and real ones; and time the prefills (what
-    reusing kept caches for branches saves) and all of admitting (prefill +
-    copying the newcomers into the pool)."""
-    step, admit, model = decoder.step, decoder._admit, decoder.model
-
-    def counted():
-        if decoder.rows:
-            log["steps"] += 1
-            log["rows"] += len(decoder.rows)
-            log["cells"] += decoder.mask.numel() + len(decoder.rows)  # with the column this step adds
-            log["real"] += int(decoder.mask.sum()) + len(decoder.rows)
-        return step()
+    """Count, over the decode steps of `decoder`: steps, rows (free slots
+    included) and free slots, attended cache cells (rows x width) and real
+    ones; and time the prefills (what reusing kept caches for branches saves),
+    the full copies of the pool (_pack) and the rest of joining the pool
+    (copying newcomers' caches into free slots)."""
+    admit, pack, model = decoder._admit, decoder._pack, decoder.model
 
     def timed(log_key, fn):
         def run(*a, **kw):
@@ -230,8 +223,24 @@ def instrument(decoder, log: dict, device) -> None:
             return out
         return run
     prefill = timed("prefill_s", model)
-    decoder.step, decoder._admit = counted, timed("admit_s", admit)
-    decoder.model = lambda **kw: prefill(**kw) if kw["input_ids"].shape[1] > 1 else model(**kw)
+
+    def forward(**kw):
+        if kw["cache"] is not decoder.cache:  # a prefill fills a cache of its own
+            return prefill(**kw)
+        mask = kw["attention_mask"]           # (rows, width), the column this step writes included
+        log["steps"] += 1
+        log["rows"] += mask.shape[0]
+        log["free"] += sum(r is None for r in decoder.rows)
+        log["cells"] += mask.numel()
+        log["real"] += int(mask.sum())
+        return model(**kw)
+    admit = timed("admit_s", admit)
+
+    def joining(*a, **kw):  # _admit packs the pool when newcomers do not fit
+        before = log["pack_s"]
+        admit(*a, **kw)
+        log["pack_in_admit_s"] += log["pack_s"] - before
+    decoder._admit, decoder._pack, decoder.model = joining, timed("pack_s", pack), forward
 
 
 def bench_sample(args):
@@ -337,7 +346,8 @@ def bench_rollout(args):
             for name, cfg in trees_cfg.items():
                 torch.manual_seed(0)
                 rollout = engines[eng]()
-                log = dict.fromkeys(("steps", "rows", "cells", "real", "prefill_s", "admit_s"), 0)
+                log = dict.fromkeys(("steps", "rows", "free", "cells", "real", "prefill_s", "admit_s", "pack_s",
+                                        "pack_in_admit_s"), 0)
                 if eng != "lockstep":
                     instrument(rollout, log, device)
                 sync(device); t0 = time.perf_counter()
@@ -346,11 +356,14 @@ def bench_rollout(args):
                 dt = time.perf_counter() - t0
                 times.setdefault((eng, name), []).append(dt)
                 res[eng, name] = (min(times[eng, name]), tree.tree_stats(trees, cfg)["gen_tokens"])
-                notes[eng, name] = (f"  {log['steps']} decode steps, {log['rows'] / log['steps']:.0f} rows on average, "
-                                    f"{1 - log['real'] / log['cells']:.0%} of attended cache columns padding, "
-                                    f"of the time: prefill {log['prefill_s'] / dt:.0%}, joining the pool "
-                                    f"{(log['admit_s'] - log['prefill_s']) / dt:.0%}; prefix tokens prefilled "
-                                    f"{rollout.prefilled_tokens}, copied {rollout.reused_tokens}") if log["steps"] else ""
+                notes[eng, name] = (f"  {log['steps']} decode steps, {log['rows'] / log['steps']:.0f} rows on average "
+                                    f"({log['free'] / log['rows']:.0%} of them free slots), "
+                                    f"{1 - log['real'] / log['cells']:.0%} of attended cache columns padding; "
+                                    f"of the time: prefill {log['prefill_s'] / dt:.0%}, full copies of the pool "
+                                    f"{log['pack_s'] / dt:.0%}, other joining "
+                                    f"{(log['admit_s'] - log['prefill_s'] - log['pack_in_admit_s']) / dt:.0%}; "
+                                    f"prefix tokens prefilled {rollout.prefilled_tokens}, copied {rollout.reused_tokens}"
+                                    ) if log["steps"] else ""
     for eng, name in res:
         print(f"      {eng:8s} {name:14s} {res[eng, name][0]:7.2f} s  {res[eng, name][1]:7d} generated tokens"
               f"{notes[eng, name]}")

@@ -121,10 +121,16 @@ def looks_local(path: str) -> bool:
 
 
 def _coerce(key: str, value, typ):
-    """Check a YAML value against the field's type; ints are accepted for floats."""
+    """Check a YAML value against the field's type; ints are accepted for floats,
+    and so is 1e-6, which YAML 1.1 (PyYAML) reads as a string without a dot."""
     origin = typing.get_origin(typ) or typ
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass  # the error below names the field
     if origin is list and isinstance(value, str):  # a single eval set given as a string
         return [value]
     if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -6,17 +6,23 @@ as padding, and IBTree's L rounds run one after another (PAPER.md section 4;
 the paper itself used vLLM with continuous batching).
 
 Decoder is a small continuous-batching loop over a pool of at most max_rows
-sequences, all in one KV cache:
-  - each step feeds the last token of every live row (one forward, B x 1);
-  - a row leaves the pool the moment it samples EOS or uses its budget, and its
-    result goes back to grow(), which verifies the question's round as soon as
-    all its rows are back and submits that question's next round;
+sequences, all in one KV cache, one row (slot) per sequence:
+  - each step feeds the last token of every row (one forward, B x 1);
+  - a row finishes the moment it samples EOS or uses its budget: its result
+    goes back to grow(), which verifies the question's round as soon as all
+    its rows are back and submits that question's next round, and its slot is
+    free;
   - waiting requests join between steps, later rounds first (grow() passes the
     round as priority: a question deep in its tree is on the critical path),
     prefilled together (left padded, at most prefill_tokens prefix tokens per
-    prefill), their KV cache left-padded to the pool's length and appended on
-    the batch axis.
-    Left columns that are padding in every row are dropped as rows leave.
+    prefill); each newcomer's cache is written into a free slot, right-aligned.
+The cache is copied only when it must be: a step writes its column in place
+(spare columns after the last), newcomers go into free slots, and columns
+that are padding in every row leave the view (a moving left edge), which
+widens again for a longer newcomer. The pool is packed into new buffers (one
+copy) when free slots pass 1/8 of its rows (they still compute), when
+newcomers do not fit, and every `spare` (128) steps. DynamicCache, which
+generate uses, copies the whole cache every step to append one column.
 So a question whose round is done starts its next round while other
 questions' long responses are still decoding, and the pool stays full.
 A branch need not prefill its prefix again (reuse_prefix_kv, on by default):
@@ -30,11 +36,6 @@ only the columns it added to what it copied, so a tree's shared prefixes are
 stored about once (the prompt B0 times), and grow() releases a tree's caches
 when the tree is done. The price is memory: the caches of every tree still
 growing. Greedy tokens are the same with and without reuse (tested).
-The pool's cache (_Layer) keeps spare columns, so a step writes its keys and
-values in place; DynamicCache, which generate uses, copies the whole cache to
-append one column. Copies happen only when rows join or leave, or every
-`spare` (128) steps.
-
 Sampling is the same as generate's (temperature, then top-k, then top-p, then
 the draw torch.multinomial makes, from the global RNG; greedy when temperature
 is 0): a single sequence gets exactly the tokens generate would give it for the
@@ -139,38 +140,55 @@ class _Row:
 
 
 class _Layer(DynamicLayer):
-    """DynamicLayer concatenates every decode step, a copy of the whole cache per
-    token. This one keeps `spare` free columns after the last one: a step writes
-    its keys and values in place, and keys / values are views of the buffers.
-    Rows are packed by place(), which the pool calls when rows join or leave."""
+    """One layer of the pool's cache. DynamicLayer concatenates at every decode
+    step, a copy of the whole cache per token. This one holds buffers with room
+    to spare, and keys / values are views of them, columns lo to lo + width:
+    a step writes its column in place (`spare` free columns after the last),
+    rows join by writing only their own cache into free slots (write()), and
+    the view narrows or widens on the left without a copy (window()).
+    place() packs rows into new buffers: a copy of the pool."""
     spare = 128
 
     def update(self, key_states, value_states, *args, **kwargs):
-        T, n = self.get_seq_length(), key_states.shape[-2]
-        if T + n > self.kbuf.shape[2]:
-            self.place([(self.keys, self.values)], T)       # out of spare columns: one copy
-        self.kbuf[:, :, T:T + n], self.vbuf[:, :, T:T + n] = key_states, value_states
-        self.keys, self.values = self.kbuf[:, :, :T + n], self.vbuf[:, :, :T + n]
+        B, T, n = key_states.shape[0], self.get_seq_length(), key_states.shape[-2]
+        if self.lo + T + n > self.kbuf.shape[2]:
+            self.place([(self.keys, self.values)], T, self.kbuf.shape[0])  # out of spare columns: one copy
+        end = self.lo + T
+        self.kbuf[:B, :, end:end + n], self.vbuf[:B, :, end:end + n] = key_states, value_states
+        self.keys, self.values = self.kbuf[:B, :, self.lo:end + n], self.vbuf[:B, :, self.lo:end + n]
         return self.keys, self.values
 
-    def place(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
-        """New buffers holding each (keys, values) of `parts` on the batch axis,
-        right-aligned to `width` columns (zeros on the left), then `spare` free."""
+    def place(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, slots: int) -> None:
+        """New buffers of `slots` rows holding each (keys, values) of `parts`
+        from row 0 on, right-aligned to `width` columns, then `spare` free
+        columns. Zero-filled: what a row does not hold is masked, but must not be NaN."""
         if not self.is_initialized:
             self.lazy_initialization(*parts[0])
         k0, v0 = parts[0]
-        B = sum(k.shape[0] for k, _ in parts)
-        kbuf = k0.new_empty(B, k0.shape[1], width + self.spare, k0.shape[3])  # (B, heads, T + spare, head_dim)
-        vbuf = v0.new_empty(B, v0.shape[1], width + self.spare, v0.shape[3])
+        kbuf = k0.new_zeros(slots, k0.shape[1], width + self.spare, k0.shape[3])  # (slots, heads, T + spare, head_dim)
+        vbuf = v0.new_zeros(slots, v0.shape[1], width + self.spare, v0.shape[3])
         row = 0
         for k, v in parts:
-            b, pad = k.shape[0], width - k.shape[2]
-            for buf, x in ((kbuf, k), (vbuf, v)):
-                buf[row:row + b, :, :pad] = 0                # masked, but must not be NaN
-                buf[row:row + b, :, pad:width] = x
+            b = k.shape[0]
+            kbuf[row:row + b, :, width - k.shape[2]:width] = k
+            vbuf[row:row + b, :, width - v.shape[2]:width] = v
             row += b
-        self.kbuf, self.vbuf = kbuf, vbuf
-        self.keys, self.values = kbuf[:, :, :width], vbuf[:, :, :width]
+        self.kbuf, self.vbuf, self.lo = kbuf, vbuf, 0
+        self.keys, self.values = kbuf[:row, :, :width], vbuf[:row, :, :width]
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Rows k, v (n, heads, w <= width, head_dim) into `slots` (n,) of the
+        view, right-aligned (columns left of them keep what they held: masked)."""
+        end = self.lo + self.keys.shape[2]
+        self.kbuf[slots, :, end - k.shape[2]:end] = k
+        self.vbuf[slots, :, end - v.shape[2]:end] = v
+
+    def window(self, first: int, B: int) -> None:
+        """The view from column `first` of the current one (negative: widen to
+        the left, into columns the view dropped or place() zeroed), over slots :B."""
+        end = self.lo + self.keys.shape[2]
+        self.lo += first
+        self.keys, self.values = self.kbuf[:B, :, self.lo:end], self.vbuf[:B, :, self.lo:end]
 
 
 class Decoder:
@@ -189,9 +207,9 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.queue: list = []         # heap of (-priority, order, key, prefix, max_new) not yet in the pool
         self.order = itertools.count()
-        self.rows: list[_Row] = []
-        self.cache = None             # DynamicCache over the pool, (B, heads, T, head_dim) per layer
-        self.mask = None              # (B, T) 1 where the cache holds a real token
+        self.rows: list = []          # the pool's B slots: a _Row, or None where a row has finished
+        self.cache = None             # the pool's KV cache, (B, heads, T, head_dim) per layer
+        self.mask = None              # (B, T) 1 where the cache holds a real token (a free slot: 0)
         self.last = None              # (B,) sampled token not yet fed
         self.pos = None               # (B,) its position id
         self.reuse_prefix_kv = reuse_prefix_kv
@@ -222,11 +240,11 @@ class Decoder:
     def step(self) -> list[tuple]:
         """Admit waiting requests, decode one token for every row; return the
         rows that finished as (key, new_ids, logps)."""
-        free = self.max_rows - len(self.rows)
-        # Admitting costs a copy of the pool's cache: wait for a few free slots
-        # unless the pool is running dry or the queue is short.
+        free = self.max_rows - sum(r is not None for r in self.rows)
+        # A prefill is a forward of its own: wait for a few free slots unless
+        # the pool is running dry or the queue is short.
         if self.queue and free and (free >= min(len(self.queue), max(1, self.max_rows // 8))
-                                    or len(self.rows) < self.max_rows // 2):
+                                    or self.max_rows - free < self.max_rows // 2):
             take, tokens = [], 0
             while self.queue and len(take) < free:
                 tokens += len(self.queue[0][3])  # the next request's prefix
@@ -234,9 +252,14 @@ class Decoder:
                     break
                 take.append(heapq.heappop(self.queue)[2:])
             self._admit(take)
-        done = self._retire()
+        done = self._retire()  # a prefilled row can end at its first token
         if not self.rows:
             return done
+        if 8 * sum(r is None for r in self.rows) > len(self.rows):
+            self._pack([])  # free slots still compute: past 1/8 of the pool, one copy to drop them
+        first = int(self.mask.any(0).nonzero()[0])  # leading columns that are padding in every row
+        if first:
+            self._window(first, len(self.rows))
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)  # (B, T + 1)
         out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
                          cache=self.cache, use_cache=True)  # the cache grows in place
@@ -245,16 +268,19 @@ class Decoder:
         self.pos = self.pos + 1
         return done + self._retire()
 
-    def _take(self, tok: torch.Tensor, logp: torch.Tensor, rows: list[_Row]) -> None:
+    def _take(self, tok: torch.Tensor, logp: torch.Tensor, rows: list) -> None:
         """Append each row's sampled token; it is fed at the next step."""
         for row, t, lp in zip(rows, tok.tolist(), logp.tolist()):
-            row.ids.append(t)
-            row.logps.append(lp)
+            if row is not None:  # a free slot decodes too; what it samples is dropped
+                row.ids.append(t)
+                row.logps.append(lp)
 
     def _admit(self, requests: list[tuple]) -> None:
         """Join new requests to the pool. A request whose prefix a kept row
         holds copies that row's cache and feeds its last prefix token at the
-        next step; the others are prefilled in one left-padded batch."""
+        next step; the others are prefilled in one left-padded batch. Newcomers
+        are written into free slots; only when they do not fit (more rows or
+        longer prefixes than the pool has room for) is the pool packed again."""
         warm, cold = [], []
         for key, prefix, budget, reuse, keep in requests:
             kv = self._kept_prefix(reuse, prefix) if reuse is not None and len(prefix) > 1 else None
@@ -262,9 +288,8 @@ class Decoder:
             if kv:
                 row.parent, row.start = reuse, len(prefix) - 1
             (warm if kv else cold).append((row, kv))
-        # blocks of rows to stack: (per layer (K, V), mask (n, W), position (n,), token to feed (n,), rows)
-        blocks = [([(layer.keys, layer.values) for layer in self.cache.layers], self.mask, self.pos, self.last,
-                   self.rows)] if self.rows else []
+        # blocks of rows to join: (per layer (K, V), mask (n, W), position (n,), token to feed (n,), rows)
+        blocks = []
         if cold:
             ids, mask = left_pad([row.seq for row, _ in cold], self.pad)
             ids, mask = ids.to(self.device), mask.to(self.device)
@@ -283,11 +308,50 @@ class Decoder:
                            torch.tensor([n], device=self.device), torch.tensor([row.seq[-1]], device=self.device),
                            [row]))
             self.reused_tokens += n
-        T = max(mask.shape[1] for _, mask, _, _, _ in blocks)
         if not self.rows:
+            return self._pack(blocks)
+        B, T = self.mask.shape
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        n = sum(len(rows) for *_, rows in blocks)
+        wider = max(m.shape[1] for _, m, *_ in blocks) - T  # columns the view must gain on the left
+        if n > len(free) + self.cache.layers[0].kbuf.shape[0] - B or wider > self.cache.layers[0].lo:
+            return self._pack(blocks)  # no room: one copy of the pool
+        slots = free[:n] + list(range(B, B + n - len(free[:n])))
+        grow = max(slots) + 1 - B  # new slots at the end of the pool
+        if grow > 0:
+            self.rows += [None] * grow
+            self.mask = F.pad(self.mask, (0, 0, 0, grow))
+            self.pos, self.last = F.pad(self.pos, (0, grow)), F.pad(self.last, (0, grow))
+        self._window(-max(wider, 0), len(self.rows))
+        T = self.mask.shape[1]
+        for kv, mask, pos, last, rows in blocks:
+            at, slots = torch.tensor(slots[:len(rows)], device=self.device), slots[len(rows):]
+            for i, layer in enumerate(self.cache.layers):
+                layer.write(at, *kv[i])
+            self.mask[at] = F.pad(mask, (T - mask.shape[1], 0))
+            self.pos[at], self.last[at] = pos, last
+            for j, row in zip(at.tolist(), rows):
+                self.rows[j] = row
+
+    def _window(self, first: int, B: int) -> None:
+        """Move the left edge of the cache view by `first` columns (no copy);
+        the view spans slots :B."""
+        for layer in self.cache.layers:
+            layer.window(first, B)
+        self.mask = self.mask[:, first:] if first >= 0 else F.pad(self.mask, (-first, 0))
+
+    def _pack(self, blocks: list[tuple]) -> None:
+        """New buffers holding the pool's rows, then `blocks`, on the batch axis
+        (one copy of the pool), with room for as many rows again (up to
+        max_rows), without free slots and without the left columns that are
+        padding in every row."""
+        blocks = self._pool_blocks() + blocks
+        T = max(mask.shape[1] for _, mask, _, _, _ in blocks)
+        B = sum(len(rows) for *_, rows in blocks)
+        if self.cache is None:
             self.cache = Cache(layers=[_Layer() for _ in blocks[0][0]])
         for i, layer in enumerate(self.cache.layers):
-            layer.place([kv[i] for kv, *_ in blocks], T)
+            layer.place([kv[i] for kv, *_ in blocks], T, min(self.max_rows, 2 * B))
         self.mask = torch.cat([F.pad(mask, (T - mask.shape[1], 0)) for _, mask, _, _, _ in blocks])
         self.pos = torch.cat([pos for _, _, pos, _, _ in blocks])
         self.last = torch.cat([last for _, _, _, last, _ in blocks])
@@ -315,9 +379,26 @@ class Decoder:
         return [(torch.cat([p[i][0] for p in reversed(pieces)], 2), torch.cat([p[i][1] for p in reversed(pieces)], 2))
                 for i in range(len(pieces[0]))]
 
+    def _pool_blocks(self) -> list[tuple]:
+        """The pool's rows as blocks for _pack, one per run of consecutive slots
+        (views, copied once by place()), without the leading columns that are
+        padding in every one of them."""
+        live = [i for i, r in enumerate(self.rows) if r is not None]
+        if not live:
+            return []
+        first = int(self.mask[live].any(0).nonzero()[0])
+        runs, start = [], live[0]
+        for i, nxt in zip(live, live[1:] + [None]):
+            if nxt != i + 1:
+                runs.append((start, i + 1))
+                start = nxt
+        return [([(layer.keys[a:b, :, first:], layer.values[a:b, :, first:]) for layer in self.cache.layers],
+                 self.mask[a:b, first:], self.pos[a:b], self.last[a:b], self.rows[a:b]) for a, b in runs]
+
     def _retire(self) -> list[tuple]:
-        """Drop finished rows from the pool (and all-padding columns with them)."""
-        finished = [bool(r.ids) and (r.ids[-1] == self.eos or len(r.ids) >= r.budget) for r in self.rows]
+        """Hand back the rows that just finished; their slots become free (mask 0)."""
+        finished = [r is not None and bool(r.ids) and (r.ids[-1] == self.eos or len(r.ids) >= r.budget)
+                    for r in self.rows]
         if not any(finished):
             return []
         for i, (r, f) in enumerate(zip(self.rows, finished)):
@@ -327,15 +408,9 @@ class Decoder:
                                     [(layer.keys[i:i + 1, :, -own:].clone(), layer.values[i:i + 1, :, -own:].clone())
                                      for layer in self.cache.layers])
         done = [(r.key, r.ids, r.logps) for r, f in zip(self.rows, finished) if f]
-        stay = [i for i, f in enumerate(finished) if not f]
-        self.rows = [self.rows[i] for i in stay]
-        if not stay:
-            self.cache = self.mask = self.last = self.pos = None
-            return done
-        idx = torch.tensor(stay, device=self.device)
-        self.mask, self.last, self.pos = self.mask[idx], self.last[idx], self.pos[idx]
-        first = int(self.mask.any(0).nonzero()[0])  # leading columns that are padding for every row
-        self.mask = self.mask[:, first:]
-        for layer in self.cache.layers:
-            layer.place([(layer.keys[idx, :, first:], layer.values[idx, :, first:])], self.mask.shape[1])
+        self.rows = [None if f else r for r, f in zip(self.rows, finished)]
+        if all(r is None for r in self.rows):
+            self.rows, self.cache, self.mask, self.last, self.pos = [], None, None, None, None
+        else:
+            self.mask[torch.tensor([i for i, f in enumerate(finished) if f], device=self.device)] = 0
         return done

@@ -144,23 +144,128 @@ def test_never_samples_past_vocab(tiny_model, tiny_tokenizer):
 
 
 def test_pool_never_exceeds_max_rows_and_trims_padding(tiny_model, tiny_tokenizer):
+    """What every decode forward sees: at most max_rows rows; each unfinished
+    row's real tokens = its prefix + the tokens fed so far; free slots (rows
+    that finished) at most 1/8 of the rows; no column that is padding in every
+    row; and at most one copy of the pool per step."""
     tok, model = tiny_tokenizer, tiny_model
     torch.manual_seed(0)
     dec = engine.Decoder(model, tok, Sampling(temperature=1.0, top_p=1.0, top_k=0), max_rows=3)
     prefixes = [tok("y" * n)["input_ids"] for n in (40, 2, 3, 25, 1, 7, 2)]
-    for i, p in enumerate(prefixes):
-        dec.submit(i, p, 12)
-    seen = 0
-    while dec.busy():
-        seen += len(dec.step())
-        assert len(dec.rows) <= 3
-        if dec.rows:
-            assert dec.mask.shape == (len(dec.rows), dec.cache.get_seq_length())
-            assert bool(dec.mask[:, 0].any())  # no column that is padding for every row
-            lens = dec.mask.sum(1).tolist()   # real tokens per row = prefix + tokens fed so far
-            want = [len(prefixes[r.key]) + len(r.ids) - 1 for r in dec.rows]
-            assert lens == want
-    assert seen == len(prefixes)
+    budgets = [12, 3, 12, 5, 12, 1, 12]  # rows leave at different steps, one right after its prefill
+    seen, forwards = 0, []
+
+    def check(module, args, kwargs):
+        mask = kwargs["attention_mask"]  # (B, T + 1): the column this step writes included
+        if kwargs["cache"] is not dec.cache:  # a prefill, into a cache of its own
+            return
+        forwards.append(mask.shape[0])
+        assert mask.shape[0] == len(dec.rows) <= 3
+        assert mask.shape[1] == dec.cache.get_seq_length() + 1
+        assert 8 * sum(r is None for r in dec.rows) <= len(dec.rows)
+        assert bool(mask[:, 0].any())  # no column that is padding in every row
+        assert [int(m.sum()) for m, r in zip(mask, dec.rows) if r] == \
+            [len(prefixes[r.key]) + len(r.ids) for r in dec.rows if r]
+    copies = []  # every _Layer.place, i.e. every copy of one layer of the pool
+    place = engine._Layer.place
+    hook = model.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        engine._Layer.place = lambda layer, *a: copies.append(layer) or place(layer, *a)
+        for i, (p, n) in enumerate(zip(prefixes, budgets)):
+            dec.submit(i, p, n)
+        while dec.busy():
+            before = len(copies)
+            out = dec.step()
+            # a second copy only when a prefilled row ends at its first token
+            assert len(copies) - before <= model.config.num_hidden_layers * (1 + any(len(ids) == 1 for _, ids, _ in out))
+            for key, ids, _ in out:
+                assert len(ids) == budgets[key] or ids[-1] == tok.eos_token_id
+                seen += 1
+    finally:
+        engine._Layer.place = place
+        hook.remove()
+    assert seen == len(prefixes) and len(forwards) >= max(budgets)
+    assert not dec.rows and dec.cache is None
+
+
+def test_rows_join_free_slots_without_copying_the_pool(tiny_model, tiny_tokenizer):
+    """Greedy, a pool of 8 and 16 requests: a row that finishes frees its slot
+    and a newcomer no longer than the pool's width is written into it, with no
+    copy of the pool; columns that are padding in every row leave the view at
+    once; every request still gets generate's tokens."""
+    tok, model = tiny_tokenizer, tiny_model
+    prefixes = [tok("Compute " + "1+" * (20 - i) + "2.")["input_ids"] for i in range(8)] + \
+        [tok(t)["input_ids"] for t in ("Hi", "x", "Compute 3-1.", "Add 7 and 9.", "Compute 1+2.", "y", "ab", "Go")]
+    budgets = [6, 9, 12, 15, 18, 21, 24, 27] + [5, 9, 3, 7, 11, 4, 8, 6]
+    s = Sampling(temperature=0.0, max_response_tokens=30)
+    ref = tree.generate_expander(model, tok, s, prefixes, budgets)
+    dec = engine.Decoder(model, tok, s, max_rows=8)
+    log = []
+
+    def check(module, args, kwargs):  # what each decode step attends to
+        mask = kwargs["attention_mask"]
+        if kwargs["cache"] is dec.cache:
+            assert bool(mask[:, 0].any())  # columns that are padding in every row have left the view
+            assert [int(m.sum()) for m, r in zip(mask, dec.rows) if r] == \
+                [len(prefixes[r.key]) + len(r.ids) for r in dec.rows if r]
+    hook = model.register_forward_pre_hook(check, with_kwargs=True)
+    place, write = engine._Layer.place, engine._Layer.write
+    try:
+        engine._Layer.place = lambda layer, *a: log.append("place") or place(layer, *a)
+        engine._Layer.write = lambda layer, *a: log.append("write") or write(layer, *a)
+        for i, (p, b) in enumerate(zip(prefixes, budgets)):
+            dec.submit(i, p, b)
+        got, quiet_joins = {}, 0
+        while dec.busy():
+            before = len(log)
+            for key, ids, lp in dec.step():
+                got[key] = (ids, lp)
+            quiet_joins += "write" in log[before:] and "place" not in log[before:]
+    finally:
+        engine._Layer.place, engine._Layer.write = place, write
+        hook.remove()
+    assert quiet_joins >= 4
+    assert [got[i][0] for i in range(len(prefixes))] == [ids for ids, _ in ref]
+    for i, (_, lp) in enumerate(ref):
+        torch.testing.assert_close(torch.tensor(got[i][1]), torch.tensor(lp), atol=1e-4, rtol=0)
+
+
+def test_a_longer_newcomer_widens_the_view_without_a_copy(tiny_model, tiny_tokenizer):
+    """Columns that are padding in every row leave the cache's view when a long
+    row finishes; a newcomer longer than the view then widens it back to the
+    left, again with no copy of the pool, and still gets generate's tokens."""
+    tok, model = tiny_tokenizer, tiny_model
+    short = [tok(t)["input_ids"] for t in ("Hi", "x", "ab", "Go", "y", "Add", "Sum")]
+    long_a, long_b = tok("Compute " + "1+" * 18 + "2.")["input_ids"], tok("Compute " + "3+" * 12 + "4.")["input_ids"]
+    s = Sampling(temperature=0.0, max_response_tokens=30)
+    ref = tree.generate_expander(model, tok, s, short + [long_a, long_b], [20] * 7 + [2, 6])
+    dec = engine.Decoder(model, tok, s, max_rows=8)
+    log = []
+    place, window = engine._Layer.place, engine._Layer.window
+    try:
+        engine._Layer.place = lambda layer, *a: log.append("place") or place(layer, *a)
+        engine._Layer.window = lambda layer, first, B: log.append(first) or window(layer, first, B)
+        for i, p in enumerate(short):
+            dec.submit(i, p, 20)
+        dec.submit(7, long_a, 2)
+        got, widened, wait = {}, False, None
+        while dec.busy():
+            if wait == 0:  # a step after long_a left (the view has dropped its columns): into its slot
+                dec.submit(8, long_b, 6)
+            wait = None if wait is None else wait - 1
+            before = len(log)
+            for key, ids, lp in dec.step():
+                got[key] = (ids, lp)
+                wait = 1 if key == 7 else wait
+            if 8 in {r.key for r in dec.rows if r} and any(x < 0 for x in log[before:] if x != "place"):
+                assert "place" not in log[before:]
+                widened = True
+    finally:
+        engine._Layer.place, engine._Layer.window = place, window
+    assert widened
+    assert [got[i][0] for i in range(9)] == [ids for ids, _ in ref]
+    for i, (_, lp) in enumerate(ref):
+        torch.testing.assert_close(torch.tensor(got[i][1]), torch.tensor(lp), atol=1e-4, rtol=0)
 
 
 def test_bad_arguments(tiny_model, tiny_tokenizer):

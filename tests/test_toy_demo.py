@@ -22,5 +22,8 @@ def test_ib_tpo_improves_the_warm_started_toy_policy(tmp_path):
     before, after = rows[0]["eval/eval"], last["eval/eval"]
     assert rows[0]["step"] == 0 and last["step"] == 12
     assert 0.2 < before < 0.8, before  # the warm start is right some of the time
-    assert after >= before + 0.15, (before, after)
+    # 12 steps gave +0.12 to +0.22 over seeds 0-3 with this engine and the one before it,
+    # whose random streams differ; with lr=1e-12 (no learning) seeds 0-2 moved -0.03, +0.03,
+    # +0.07 (400 samples per evaluation). 2026-11-27.
+    assert after >= before + 0.10, (before, after)
     assert (run / "trees.txt").read_text().count("\\boxed") > 0

@@ -112,6 +112,18 @@ def test_bad_config_and_data_fail_clearly(tiny_dir, math_jsonl, tmp_path, extra,
     assert words in str(e.value)
 
 
+def test_floats_in_exponent_form(tmp_path):
+    """lr=1e-6 on the command line or lr: 1e-6 in a file (YAML 1.1 reads both as strings)."""
+    from config import load_config
+    f = tmp_path / "c.yaml"
+    f.write_text("model: m\ndata: d\nlr: 3e-6\n")
+    assert load_config(str(f)).lr == 3e-6
+    cfg = load_config(str(f), ["lr=1e-6", "kl_coef=2E-3", "beta=5"])
+    assert (cfg.lr, cfg.kl_coef, cfg.beta) == (1e-6, 2e-3, 5.0) and isinstance(cfg.beta, float)
+    with pytest.raises(ValueError, match="lr must be float, got str 'fast'"):
+        load_config(str(f), ["lr=fast"])
+
+
 def test_missing_config_file_and_bad_rows(tiny_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         train.main([str(tmp_path / "nope.yaml")])
