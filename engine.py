@@ -16,44 +16,36 @@ sequences, all in one KV cache, one row (slot) per sequence:
     round as priority: a question deep in its tree is on the critical path),
     prefilled together (left padded, at most prefill_tokens prefix tokens per
     prefill); each newcomer's cache is written into a free slot, right-aligned.
-The cache is copied only when it must be: a step writes its column in place
-(spare columns after the last), newcomers go into free slots, and columns
-that are padding in every row leave the view (a moving left edge), which
-widens again for a longer newcomer. The pool is packed into new buffers (one
-copy) when free slots pass 1/8 of its rows (they still compute), when
-newcomers do not fit, and every `spare` (128) steps. DynamicCache, which
-generate uses, copies the whole cache every step to append one column.
 So a question whose round is done starts its next round while other
 questions' long responses are still decoding, and the pool stays full.
+The cache is copied only when it must be (DynamicCache, which generate uses,
+copies all of it every step): a step writes its column in place, newcomers go
+into free slots, and columns that are padding in every row leave the view (a
+moving left edge, which widens again for a longer newcomer). The pool is
+packed anew (one copy) when free slots pass 1/8 of it (they still compute),
+when newcomers do not fit, and every `spare` (128) steps.
 A branch need not prefill its prefix again (reuse_prefix_kv, on by default):
-grow() asks the Decoder to keep the cache of each finished request of a tree
-that has rounds to come (keep=True), and names, with each branch, the request
-that generated the newest leaf below the branch node (reuse=key): that
-request's tokens start with the branch's prefix, so its cache columns are
-copied and the branch feeds only the prefix's last token (its first new token
-then comes one decode step later than after a prefill). A kept request stores
-only the columns it added to what it copied, so a tree's shared prefixes are
-stored about once (the prompt B0 times), and grow() releases a tree's caches
-when the tree is done. The price is memory: the caches of every tree still
-growing. Greedy tokens are the same with and without reuse (tested).
-Sampling is the same as generate's (temperature, then top-k, then top-p, then
-the draw torch.multinomial makes, from the global RNG; greedy when temperature
-is 0): a single sequence gets exactly the tokens generate would give it for the
-same seed, and greedy decoding gives identical tokens whatever the batch
-(tests/test_engine.py). With several rows the draws are the same distribution,
-not the same numbers, since the batch composition differs from generate's.
+grow() has the Decoder keep the cache of each finished request of a tree with
+rounds to come (keep=True) and names, with each branch, the request that
+generated the newest leaf below the branch node (reuse=key), whose tokens
+start with the branch's prefix: those cache columns are copied and the branch
+feeds only the prefix's last token (so its first new token comes one step
+later than after a prefill). A kept request stores only the columns it added
+to what it copied (a tree's shared prefixes about once), until grow()
+releases the tree. Greedy tokens are the same with and without reuse (tested).
+Sampling is generate's (temperature, top-k, top-p, then torch.multinomial's
+draw from the global RNG; greedy at temperature 0): one sequence gets exactly
+generate's tokens for a seed, greedy decoding gives identical tokens whatever
+the batch (tests/test_engine.py), and several rows get the same distribution.
 With top-k on, top-p sorts only the k candidates, not the vocabulary (Qwen's
-152k ids per row); the random draw still spans the vocabulary, which is what
-keeps generate's tokens for a seed.
-Log-probs are recorded as tree.generate_expander records them: the
-temperature-scaled distribution over the tokenizer's vocabulary, one (B, V)
-step at a time; ids past the vocabulary (Qwen's padded embedding) are never
-sampled.
+152k ids); the random draw still spans the vocabulary, which keeps generate's
+tokens. Log-probs are those of tree.generate_expander: the temperature-scaled
+distribution over the tokenizer's vocabulary (ids past it, as in Qwen's padded
+embedding, are never sampled).
 
-What it does not do: page the cache (rows of different lengths share one
-width, so attention also reads the left padding: bench.py rollout prints how
-much), or share cache memory between the pool's rows (a branch's copied
-prefix is a copy).
+Not done: paging the cache (rows of different lengths share one width, so
+attention also reads left padding: bench.py rollout prints how much), and
+sharing cache memory between rows (a branch's copied prefix is a copy).
 Models with sliding-window layers need rollout_engine: lockstep.
 """
 from __future__ import annotations
