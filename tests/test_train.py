@@ -124,6 +124,22 @@ def test_floats_in_exponent_form(tmp_path):
         load_config(str(f), ["lr=fast"])
 
 
+def test_gpu_check_train_command_is_a_valid_config(tiny_dir, math_jsonl):
+    """gpu_check.sh runs once on a lent GPU, if ever: its train.py overrides must
+    load here (its lr=1e-6 once did not). The model and data it writes on the
+    GPU machine are swapped for the tests' own."""
+    import shlex
+    from config import load_config
+    text = open(os.path.join(ROOT, "gpu_check.sh")).read().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if " train.py " in line]
+    assert len(lines) == 1, lines
+    args = shlex.split(lines[0])
+    args = args[args.index("train.py") + 1:]
+    swap = {"model": f"model={tiny_dir}", "data": f"data={math_jsonl}"}
+    cfg = load_config(os.path.join(ROOT, args[0]), [swap.get(a.split("=")[0], a) for a in args[1:]])
+    assert (cfg.lr, cfg.dtype, cfg.steps, cfg.L) == (1e-6, "bfloat16", 3, 9)
+
+
 def test_missing_config_file_and_bad_rows(tiny_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         train.main([str(tmp_path / "nope.yaml")])
