@@ -15,7 +15,7 @@ sequences, all in one KV cache, one row (slot) per sequence:
   - waiting requests join between steps, later rounds first (grow() passes the
     round as priority: a question deep in its tree is on the critical path),
     prefilled together (left padded, at most prefill_tokens prefix tokens per
-    prefill); each newcomer's cache is written into a free slot, right-aligned.
+    forward); each newcomer's cache is written into a free slot, right-aligned.
 So a question whose round is done starts its next round while other
 questions' long responses are still decoding, and the pool stays full.
 The cache is copied only when it must be (DynamicCache, which generate uses,
@@ -237,13 +237,7 @@ class Decoder:
         # the pool is running dry or the queue is short.
         if self.queue and free and (free >= min(len(self.queue), max(1, self.max_rows // 8))
                                     or self.max_rows - free < self.max_rows // 2):
-            take, tokens = [], 0
-            while self.queue and len(take) < free:
-                tokens += len(self.queue[0][3])  # the next request's prefix
-                if take and tokens > self.prefill_tokens:
-                    break
-                take.append(heapq.heappop(self.queue)[2:])
-            self._admit(take)
+            self._admit([heapq.heappop(self.queue)[2:] for _ in range(min(free, len(self.queue)))])
         done = self._retire()  # a prefilled row can end at its first token
         if not self.rows:
             return done
@@ -270,7 +264,7 @@ class Decoder:
     def _admit(self, requests: list[tuple]) -> None:
         """Join new requests to the pool. A request whose prefix a kept row
         holds copies that row's cache and feeds its last prefix token at the
-        next step; the others are prefilled in one left-padded batch. Newcomers
+        next step; the others are prefilled in left-padded batches. Newcomers
         are written into free slots; only when they do not fit (more rows or
         longer prefixes than the pool has room for) is the pool packed again."""
         warm, cold = [], []
@@ -281,18 +275,23 @@ class Decoder:
                 row.parent, row.start = reuse, len(prefix) - 1
             (warm if kv else cold).append((row, kv))
         # blocks of rows to join: (per layer (K, V), mask (n, W), position (n,), token to feed (n,), rows)
-        blocks = []
-        if cold:
-            ids, mask = left_pad([row.seq for row, _ in cold], self.pad)
+        blocks, chunks, tokens = [], [], self.prefill_tokens
+        for row, _ in cold:  # prefills of at most prefill_tokens prefix tokens (one request always fits)
+            if tokens + len(row.seq) > self.prefill_tokens:
+                chunks.append([])
+                tokens = 0
+            chunks[-1].append(row)
+            tokens += len(row.seq)
+        for chunk in chunks:
+            ids, mask = left_pad([row.seq for row in chunk], self.pad)
             ids, mask = ids.to(self.device), mask.to(self.device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)                    # (n, W)
             cache = DynamicCache()
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                              logits_to_keep=1)
             tok, logp = sample(out.logits[:, -1], self.vocab, self.sampling)
-            self._take(tok, logp, [row for row, _ in cold])
-            blocks.append(([(layer.keys, layer.values) for layer in cache.layers], mask, pos[:, -1] + 1, tok,
-                           [row for row, _ in cold]))
+            self._take(tok, logp, chunk)
+            blocks.append(([(layer.keys, layer.values) for layer in cache.layers], mask, pos[:, -1] + 1, tok, chunk))
             self.prefilled_tokens += int(mask.sum())
         for row, kv in warm:
             n = row.start

@@ -42,6 +42,27 @@ def test_greedy_matches_generate_whatever_the_pool(tiny_model, tiny_tokenizer):
             assert len(ids) == budgets[i] or ids[-1] == tok.eos_token_id
 
 
+def test_requests_beyond_one_prefill_join_in_the_same_step(tiny_model, tiny_tokenizer):
+    """prefill_tokens bounds one forward, not one admission: with room for
+    every request they all join at the first step, in several prefills."""
+    tok, model = tiny_tokenizer, tiny_model
+    prefixes = [tok(t)["input_ids"] for t in PREFIX_TEXTS]
+    dec = engine.Decoder(model, tok, Sampling(temperature=0.0, max_response_tokens=30), max_rows=16,
+                         prefill_tokens=8)
+    prefills = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: prefills.append(kw["input_ids"].shape[0]) if kw["cache"] is not dec.cache else None,
+        with_kwargs=True)
+    try:
+        for i, p in enumerate(prefixes):
+            dec.submit(i, p, 5)
+        dec.step()
+    finally:
+        hook.remove()
+    assert sorted(r.key for r in dec.rows if r) == list(range(len(prefixes)))
+    assert sum(prefills) == len(prefixes) and len(prefills) >= 3  # no prefill over 8 prefix tokens but a lone long one
+
+
 def test_cache_outgrowing_its_spare_columns_changes_nothing(tiny_model, tiny_tokenizer, monkeypatch):
     """The pool's cache writes each step into spare columns and reallocates
     when they run out: with one spare column (a reallocation every step) and
