@@ -10,6 +10,7 @@ Command-line overrides are `key=value`, the value parsed as YAML (so `lam=0.1`,
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -25,8 +26,9 @@ class Config:
     data: str = ""                       # training questions: hub id, local folder, or .json/.jsonl/.parquet file
     data_subset: str = ""                # hub dataset config name, if any
     data_split: str = "train"
-    question_field: str = "auto"         # "auto": the first of question / problem / prompt
-    answer_field: str = "auto"           # "auto": the first of answer / solution / ground_truth / final_answer
+    question_field: str = "auto"         # training data only: "auto" = the first of question / problem / prompt
+    answer_field: str = "auto"           # training data only: "auto" = the first of answer / solution / ground_truth / final_answer
+    # the verifier reads the last \boxed{}, so the template asks for it; literal braces are written {{}}
     prompt_template: str = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
     chat_template: bool = True           # wrap the prompt with the tokenizer's chat template when it has one
     max_prompt_tokens: int = 512         # longer prompts are dropped at load time (counted in the log)
@@ -53,6 +55,8 @@ class Config:
     eps_high: float = 0.2
     kl_coef: float = 0.001               # 0 loads no reference model
     loss_agg: str = "token-mean"         # token-mean | seq-mean-token-mean | constant (Dr. GRPO)
+    sqrt_leaves: bool = False            # DECISION shared prefixes: divide A(s) by sqrt(leaves below s), as TreeRL
+    verifier_timeout: float = 5.0        # CPU seconds of verifier time per answer (reward.py)
     # --- optimisation
     questions_per_step: int = 128        # questions per rollout batch, all ranks together
     updates_per_batch: int = 1           # optimizer steps per rollout batch (mini-batches)
@@ -70,7 +74,8 @@ class Config:
     save_every: int = 0                  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2
     resume: bool = True                  # continue from run_dir's latest checkpoint when there is one
-    eval_sets: list = field(default_factory=list)  # eval data: "path_or_hub_id[@split]", fields found as above
+    eval_sets: list = field(default_factory=list)  # "path_or_hub_id[@split][:question_field:answer_field]";
+                                         # each set finds its own fields by name unless its spec names them
     eval_every: int = 0                  # evaluate every N steps (0: only before and after training)
     eval_k: int = 4                      # avg@k: samples per eval question
     eval_max_questions: int = 0          # 0: all
@@ -98,18 +103,31 @@ class Config:
         for k in ("steps", "max_step_tokens", "top_k", "save_every", "eval_every", "warmup_steps", "kl_coef",
                   "weight_decay", "grad_clip", "eval_max_questions", "dump_trees"):
             need(getattr(self, k) >= 0, k, "must be >= 0")
+        for f in dataclasses.fields(self):
+            if f.type in (float, "float"):
+                need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
         need(self.beta > 0, "beta", "must be > 0")
         need(self.lr > 0, "lr", "must be > 0")
+        need(self.lam >= 0, "lam", "must be >= 0")
+        need(0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
+        need(0 <= self.eps_high < 1, "eps_high", "must be in [0, 1)")
+        need(self.verifier_timeout > 0, "verifier_timeout", "must be > 0 (CPU seconds per answer)")
         need(0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1, "top_p", "and eval_top_p must be in (0, 1]")
         need(self.temperature > 0, "temperature", "must be > 0 for sampling")
         need("{question}" in self.prompt_template, "prompt_template", "must contain {question}")
+        try:
+            self.prompt_template.format(question="")
+        except (IndexError, KeyError, ValueError) as e:
+            raise ValueError(f"config: prompt_template is not a valid format string ({type(e).__name__}: {e}); "
+                             f"write literal braces as {{{{ }}}}, e.g. \\boxed{{{{}}}}") from None
         need(self.updates_per_batch <= self.questions_per_step, "updates_per_batch", "must be <= questions_per_step")
         for key in ("model", "data"):
             path = getattr(self, key)
             if path and looks_local(path) and not os.path.exists(path):
                 raise FileNotFoundError(f"config: {key} path not found: {path}")
+        from data import parse_spec
         for spec in self.eval_sets:
-            path = spec.split("@")[0]
+            path = parse_spec(spec)[0]
             if looks_local(path) and not os.path.exists(path):
                 raise FileNotFoundError(f"config: eval_sets path not found: {path}")
 

@@ -1,7 +1,21 @@
 """Training and evaluation questions: hub ids or local files through
 datasets.load_dataset, question/answer fields found by name, prompts encoded
 with the config's template (and the tokenizer's chat template), and the seeded
-batch order that makes resuming exact."""
+batch order that makes resuming exact.
+
+Fields. The training set's fields are `question_field` / `answer_field` of the
+config ("auto" finds them by name). Each eval set finds its own, since the sets
+differ (MATH-500: problem, answer; AMC 23: question, answer), or names them in
+its spec: `path_or_hub_id[@split][:question_field:answer_field]`. The gold is
+the final-answer column: `answer` comes before `solution` (MATH-500's solution
+is the worked solution).
+
+One answer format. The verifier reads the last \\boxed{} (reward.py) and the
+default prompt template asks for it. open-r1/DAPO-Math-17k-Processed keeps
+DAPO's own instruction around each problem (solve step by step, last line
+`Answer: $Answer`, a reminder after the problem): that wrapper is removed, so
+no prompt asks for two formats (problem_text).
+"""
 from __future__ import annotations
 
 import os
@@ -12,6 +26,36 @@ from config import Config
 
 QUESTION_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "solution", "ground_truth", "final_answer")
+
+# DAPO-Math-17k's user message: INSTRUCTION + "\n\n" + problem + "\n\n" + REMINDER
+DAPO_INSTRUCTION = ("Solve the following math problem step by step. The last line of your response "
+                    "should be of the form Answer: $Answer")
+DAPO_REMINDER = 'Remember to put your answer on its own line after "Answer:"'
+
+
+def has_dapo_instruction(question: str) -> bool:
+    return question.startswith(DAPO_INSTRUCTION) or ("\n\n" + DAPO_REMINDER) in question
+
+
+def problem_text(question: str) -> str:
+    """The problem without DAPO's answer-format instruction (unchanged if it has none)."""
+    if not has_dapo_instruction(question):
+        return question
+    if question.startswith(DAPO_INSTRUCTION) and "\n\n" in question:
+        question = question.split("\n\n", 1)[1]
+    cut = question.rfind("\n\n" + DAPO_REMINDER)
+    if cut >= 0:
+        question = question[:cut]
+    return question.strip()
+
+
+def parse_spec(spec: str) -> tuple[str, str | None, str, str]:
+    """"path_or_id[@split][:question_field:answer_field]" -> (path, split, qfield, afield)."""
+    qf = af = "auto"
+    if spec.count(":") >= 2:
+        spec, qf, af = spec.rsplit(":", 2)
+    path, split = spec.rsplit("@", 1) if "@" in spec else (spec, None)
+    return path, split, qf or "auto", af or "auto"
 
 
 def load_split(spec: str, subset: str = "", split: str | None = None):
@@ -55,25 +99,42 @@ def encode_prompt(tok, question: str, cfg: Config) -> list[int]:
     return tok(text)["input_ids"]
 
 
-def load_questions(spec: str, tok, cfg: Config, subset: str = "", split: str | None = None):
-    """(prompt ids, gold answers) of a dataset; prompts over max_prompt_tokens are dropped."""
+def load_questions(spec: str, tok, cfg: Config, subset: str = "", split: str | None = None,
+                   fields: tuple[str, str] = ("auto", "auto")) -> tuple[list, list, dict]:
+    """(prompt ids, gold answers, report) of a dataset. Prompts over
+    max_prompt_tokens are dropped; report counts rows, dropped prompts, DAPO
+    instructions removed, and names the fields used."""
     ds = load_split(spec, subset, split)
-    q = pick_field(ds, cfg.question_field, QUESTION_FIELDS, "question", spec)
-    a = pick_field(ds, cfg.answer_field, ANSWER_FIELDS, "answer", spec)
-    prompts, answers = [], []
+    q = pick_field(ds, fields[0], QUESTION_FIELDS, "question", spec)
+    a = pick_field(ds, fields[1], ANSWER_FIELDS, "answer", spec)
+    prompts, answers, stripped = [], [], 0
     for row in ds:
         question, answer = row[q], row[a]
         if isinstance(question, list):  # chat-format prompt: take the last message's text
             question = question[-1]["content"]
         if not isinstance(question, str) or answer is None:
             raise ValueError(f"{spec}: bad row, {q}={question!r} {a}={answer!r}")
-        ids = encode_prompt(tok, question, cfg)
+        stripped += has_dapo_instruction(question)
+        ids = encode_prompt(tok, problem_text(question), cfg)
         if len(ids) <= cfg.max_prompt_tokens:
             prompts.append(ids)
             answers.append(str(answer))
     if not prompts:
-        raise ValueError(f"{spec}: no usable questions (all longer than max_prompt_tokens?)")
-    return prompts, answers
+        raise ValueError(f"{spec}: no usable questions (all {len(ds)} longer than max_prompt_tokens="
+                         f"{cfg.max_prompt_tokens})")
+    report = {"rows": len(ds), "kept": len(prompts), "dropped": len(ds) - len(prompts),
+              "dapo_instructions_removed": stripped, "fields": (q, a)}
+    return prompts, answers, report
+
+
+def describe(name: str, report: dict, cfg: Config) -> str:
+    """One line for the start of a run: what was loaded from where."""
+    line = (f"{name}: {report['kept']} questions (fields {report['fields'][0]!r} -> {report['fields'][1]!r})")
+    if report["dropped"]:
+        line += f", {report['dropped']} of {report['rows']} dropped (longer than max_prompt_tokens={cfg.max_prompt_tokens})"
+    if report["dapo_instructions_removed"]:
+        line += f", DAPO's 'Answer:' instruction removed from {report['dapo_instructions_removed']}"
+    return line
 
 
 def batch_indices(step: int, n: int, cfg: Config, rank: int, world: int) -> list[int]:
@@ -87,11 +148,14 @@ def batch_indices(step: int, n: int, cfg: Config, rank: int, world: int) -> list
     return out[rank::world]
 
 
-def load_eval_sets(tok, cfg: Config) -> dict:
-    sets = {}
+def load_eval_sets(tok, cfg: Config) -> tuple[dict, dict]:
+    """{name: (prompts, answers)} and {name: report}; each set detects its own fields
+    unless its spec names them (module docstring)."""
+    sets, reports = {}, {}
     for spec in cfg.eval_sets:
-        name = os.path.splitext(os.path.basename(spec.split("@")[0].rstrip("/")))[0]
-        prompts, answers = load_questions(spec, tok, cfg)
+        path, split, qf, af = parse_spec(spec)
+        name = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+        prompts, answers, report = load_questions(path, tok, cfg, split=split, fields=(qf, af))
         n = cfg.eval_max_questions or len(prompts)
-        sets[name] = (prompts[:n], answers[:n])
-    return sets
+        sets[name], reports[name] = (prompts[:n], answers[:n]), report
+    return sets, reports

@@ -82,16 +82,6 @@ def trajectories(tree: Tree) -> list[Trajectory]:
 # Advantages (Eq. GL, Eq. LOCAL, Eq. ADV)
 # --------------------------------------------------------------------------
 
-def _leaf_counts(root: Node) -> dict[Node, int]:
-    counts: dict[Node, int] = {}
-
-    def visit(n: Node) -> int:
-        counts[n] = 1 if n.terminal else sum(visit(c) for c in n.children)
-        return counts[n]
-    visit(root)
-    return counts
-
-
 def compute_advantages(tree: Tree, beta: float, lam: float, step_prob_mode: str = "mean",
                        sqrt_leaves: bool = False) -> None:
     """Set node.A_GL, node.A_IB and node.A on every non-root node of `tree`.
@@ -113,7 +103,7 @@ def compute_advantages(tree: Tree, beta: float, lam: float, step_prob_mode: str 
     # all equal -> std = 0 exactly (rounding in the mean could leave ~1e-17)
     all_equal = bool((rewards == rewards[0]).all())
     std = 0.0 if all_equal else rewards.std(unbiased=GL_STD_UNBIASED).item()
-    counts = _leaf_counts(root) if sqrt_leaves else None
+    counts = tree.leaf_counts() if sqrt_leaves else None
 
     for s in tree.nodes()[1:]:
         s_p = s.parent

@@ -52,15 +52,19 @@ MAX_RESPONSE_TOKENS = 64  # a 4-operation solution, slips included, is under 50 
 VERSION = 1               # bump when the generator or the warm start changes meaning
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """<|pad|> (id 0), <|eos|> (id 1), then one token per byte (ids 2-257)."""
+def build_tokenizer(corpus: list[str] | None = None, merges: int = 0) -> PreTrainedTokenizerFast:
+    """<|pad|> (id 0), <|eos|> (id 1), then one token per byte (ids 2-257), then
+    `merges` BPE merges learnt from `corpus` (none by default: the toy world's
+    tokenizer is character-level; the tests also use a merged one, where "\\n\\n"
+    merges with its neighbours as in real BPE vocabularies)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # with merges, GPT-2's split into words first, so merges stay inside words as in real vocabularies
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=merges > 0)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=258, special_tokens=["<|pad|>", "<|eos|>"],
+        vocab_size=258 + merges, special_tokens=["<|pad|>", "<|eos|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([""], trainer)  # no merges: the alphabet alone
+    tok.train_from_iterator(corpus if merges else [""], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast

@@ -20,9 +20,15 @@ Simplifications against the paper (which used verl + vLLM on 8 x A100):
     engine.Decoder (continuous batching over one KV cache; branches copy their
     prefix's cache from the request that generated it; no paged attention) or
     HF generate: no separate inference engine like vLLM.
-  - The ratio's old log-probs come from the training forward pass. With
-    updates_per_batch = 1 (default) they are the detached current log-probs,
-    so the ratio is 1 and the clip is inactive, as in on-policy GRPO.
+  - The ratio's old log-probs (Eq. LOSS) are recomputed by the training
+    model, not taken from the rollout (whose kernels and cached decoding differ
+    by rounding). With updates_per_batch = 1 (default) they are the detached
+    log-probs of the training forward itself: the ratio is 1 and only the
+    advantage acts, as in on-policy GRPO, at no extra cost. With more updates
+    per batch, one no-grad forward over every trajectory before the first
+    optimizer step records the sampling policy's log-probs, so the later
+    mini-batches get their importance ratio and clip; it costs one extra
+    forward pass (about a third of a training pass).
   - pi_old(s) in A_IB and eta2 in the IB-Score use the rollout's log-probs
     (temperature-scaled, before top-k/top-p truncation).
   - Each trajectory is a sample of its own: tokens of a shared prefix appear in
@@ -47,7 +53,7 @@ import reward
 import tree
 from checkpoint import load_checkpoint, save_checkpoint
 from config import Config, load_config, save_config
-from data import batch_indices, load_eval_sets, load_questions
+from data import batch_indices, describe, load_eval_sets, load_questions
 
 
 # ----------------------------------------------------------------------------
@@ -173,37 +179,48 @@ def collate(trajs: list[ibtpo.Trajectory], pad: int, device):
 
 
 def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int, device) -> dict:
-    """updates_per_batch optimizer steps over this rank's trajectories."""
+    """updates_per_batch optimizer steps over this rank's trajectories, one per
+    mini-batch (trajs[i::updates_per_batch]), each micro-batched by token budget."""
     stats = {"tokens": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "loss_sum": 0.0, "pad": 0.0, "cells": 0.0}
-    grad_norms = []
-    groups = [trajs[i::cfg.updates_per_batch] for i in range(cfg.updates_per_batch)]
-    for group in groups:
-        lengths = [len(t.prompt_ids) + len(t.response_ids) for t in group]
-        mbs = micro_batches(lengths, cfg.micro_batch_tokens)
-        n_tokens = sum(len(t.response_ids) for t in group)
-        n_seq = len(group)
+    grad_norms, lrs = [], []
+    plans = []  # per mini-batch: (normalizer, collated micro-batches, dummy flags)
+    for i in range(cfg.updates_per_batch):
+        group = trajs[i::cfg.updates_per_batch]
+        mbs = micro_batches([len(t.prompt_ids) + len(t.response_ids) for t in group], cfg.micro_batch_tokens)
+        n_tokens, n_seq = sum(len(t.response_ids) for t in group), len(group)
         norm = {"token-mean": n_tokens, "seq-mean-token-mean": n_seq,
                 "constant": n_seq * cfg.max_response_tokens}[cfg.loss_agg]
         # the normalizer of the whole optimizer step, and an equal number of
-        # forward/backward passes on every rank (FSDP collectives must match)
+        # forward/backward passes on every rank (FSDP collectives must match);
+        # a rank that ran out makes zero-weight passes
         norm = all_sum([norm], device)[0]
         n_mb = all_max(len(mbs), device)
-        for j in range(n_mb):
-            dummy = j >= len(mbs)  # this rank ran out: a zero-weight pass keeps the collectives in step
-            batch = [group[0]] if dummy else [group[i] for i in mbs[j]]
-            ids, attn, resp, adv = collate(batch, tok.pad_token_id, device)
+        dummy = [j >= len(mbs) for j in range(n_mb)]
+        batches = [collate([group[0]] if d else [group[k] for k in mbs[j]], tok.pad_token_id, device)
+                   for j, d in enumerate(dummy)]
+        plans.append((max(norm, 1.0), batches, dummy))
+    olds = None
+    if cfg.updates_per_batch > 1:
+        # logp_old of Eq. LOSS is the policy that sampled the batch. Mini-batch 2 on
+        # comes after an optimizer step, so record it for all of them first: one
+        # no-grad forward over every trajectory (about a third of a training pass).
+        with torch.no_grad():
+            olds = [[ibtpo.token_logprobs(model, ids, attn, temperature=cfg.temperature, vocab_size=len(tok))[0]
+                     for ids, attn, _, _ in batches] for _, batches, _ in plans]
+    for i, (norm, batches, dummy) in enumerate(plans):
+        for j, ((ids, attn, resp, adv), d) in enumerate(zip(batches, dummy)):
             logp, ent = ibtpo.token_logprobs(model, ids, attn, temperature=cfg.temperature, vocab_size=len(tok))
             ref_logp = None
             if ref is not None:
                 with torch.no_grad():
                     ref_logp, _ = ibtpo.token_logprobs(ref, ids, attn, temperature=cfg.temperature,
                                                        vocab_size=len(tok))
-            old = logp.detach()  # on-policy (see the module docstring)
-            loss, s = ibtpo.policy_loss(logp, old, adv, resp, max(norm, 1.0), eps_low=cfg.eps_low,
+            old = logp.detach() if olds is None else olds[i][j]  # one update: on-policy, ratio 1
+            loss, s = ibtpo.policy_loss(logp, old, adv, resp, norm, eps_low=cfg.eps_low,
                                         eps_high=cfg.eps_high, ref_logp=ref_logp, kl_coef=cfg.kl_coef,
                                         agg=cfg.loss_agg, world_size=world)
-            (loss * (0.0 if dummy else 1.0)).backward()
-            if not dummy:
+            (loss * (0.0 if d else 1.0)).backward()
+            if not d:
                 for k in ("tokens", "clipped", "loss_sum"):
                     stats[k] += float(s[k])
                 stats["kl"] += float(s.get("kl", 0.0))
@@ -212,6 +229,7 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
                 stats["pad"] += float(attn.numel() - attn.sum())
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         grad_norms.append(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn))
+        lrs.append(scheduler.get_last_lr()[0])  # the rate this optimizer step uses
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -219,7 +237,7 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
     n = max(tot["tokens"], 1.0)
     return {"loss": tot["loss_sum"] / n, "kl": tot["kl"] / n, "clip_frac": tot["clipped"] / n,
             "entropy": tot["entropy"] / n, "pad_frac": tot["pad"] / max(tot["cells"], 1.0),
-            "grad_norm": sum(grad_norms) / len(grad_norms), "train_tokens": tot["tokens"]}
+            "grad_norm": sum(grad_norms) / len(grad_norms), "train_tokens": tot["tokens"], "lr": lrs[-1]}
 
 
 # ----------------------------------------------------------------------------
@@ -244,7 +262,7 @@ def evaluate(model, tok, sets: dict, cfg: Config, rank: int, world: int, device)
                 while rollout.busy():
                     done += rollout.step()
                 texts = tok.batch_decode([ids for _, ids, _ in done], skip_special_tokens=True)
-                rewards, _ = reward.score_batch(texts, [answers[j] for j, _, _ in done])
+                rewards, _ = reward.score_batch(texts, [answers[j] for j, _, _ in done], cfg.verifier_timeout)
                 correct += sum(rewards)
             total, n = all_sum([correct, len(jobs)], device)
             out[f"eval/{name}"] = total / max(n, 1)
@@ -290,6 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.questions_per_step % world:
         raise ValueError(f"config: questions_per_step ({cfg.questions_per_step}) must be a multiple "
                          f"of the number of processes ({world})")
+    if cfg.updates_per_batch > cfg.questions_per_step // world * tree_config(cfg).G:
+        raise ValueError(f"config: updates_per_batch ({cfg.updates_per_batch}) is more than the trajectories "
+                         f"of one rank's questions ({cfg.questions_per_step // world} x G = "
+                         f"{cfg.questions_per_step // world * tree_config(cfg).G})")
     from tqdm import tqdm
     from transformers import AutoTokenizer
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -301,7 +323,10 @@ def main(argv: list[str] | None = None) -> dict:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = load_model(cfg.model, cfg, device, trainable=not cfg.eval_only)
-    eval_sets = load_eval_sets(tok, cfg)
+    eval_sets, reports = load_eval_sets(tok, cfg)
+    say = print if rank == 0 else (lambda *a: None)
+    for name, report in reports.items():
+        say(describe(f"eval set {name}", report, cfg))
 
     if cfg.eval_only:
         res = evaluate(model, tok, eval_sets, cfg, rank, world, device)
@@ -311,7 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
                 json.dump(res, f)
         return res
 
-    prompts, answers = load_questions(cfg.data, tok, cfg, cfg.data_subset, cfg.data_split)
+    prompts, answers, report = load_questions(cfg.data, tok, cfg, cfg.data_subset, cfg.data_split,
+                                              (cfg.question_field, cfg.answer_field))
+    say(describe(f"training data {cfg.data}", report, cfg))
     total = cfg.steps or len(prompts) // cfg.questions_per_step
     ref = load_model(cfg.model, cfg, device, trainable=False) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -328,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     tcfg = tree_config(cfg)
     sampling = tree.Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_response_tokens)
     rollout_engine = make_engine(model, tok, sampling, cfg)
+    verify = functools.partial(reward.score_batch, timeout=cfg.verifier_timeout)
 
     def log(row: dict):
         if rank == 0:
@@ -343,25 +371,25 @@ def main(argv: list[str] | None = None) -> dict:
         idx = batch_indices(step, len(prompts), cfg, rank, world)
         with gathered(model):
             trees, verdicts = tree.grow([prompts[i] for i in idx], [answers[i] for i in idx], rollout_engine,
-                                        reward.score_batch, tok, tcfg, cfg.max_response_tokens, random)
+                                        verify, tok, tcfg, cfg.max_response_tokens, random)
         t1 = time.time()
         trajs = []
         for t in trees:
-            ibtpo.compute_advantages(t, cfg.beta, cfg.lam, cfg.step_prob)
+            ibtpo.compute_advantages(t, cfg.beta, cfg.lam, cfg.step_prob, cfg.sqrt_leaves)
             trajs += ibtpo.trajectories(t)
         train = update(model, ref, optimizer, scheduler, trajs, cfg, tok, world, device)
         t2 = time.time()
         # batch statistics: sums over ranks of per-rank means weighted by question count
         s = tree.tree_stats(trees, tcfg)
         keys = ["avg_rate", "eff_rate", "ib_score", "ib_exploration", "ib_exploitation", "cov_eta"]
-        summed = all_sum([s[k] for k in keys] + [s["gen_tokens"], s["trajectories"],
-                                                 verdicts.get("unparsed", 0), verdicts.get("timeout", 0)], device)
+        summed = all_sum([s[k] for k in keys] + [s["gen_tokens"], s["trajectories"], verdicts.get("unparsed", 0),
+                                                 verdicts.get("timeout", 0), verdicts.get("error", 0)], device)
         row = {"step": step + 1, **{k: v / world for k, v in zip(keys, summed)}}
         row["reward_mean"] = row["avg_rate"]
         row.update(gen_tokens=int(summed[6]), trajectories=int(summed[7]),
                    traj_per_1k_tokens=1000 * summed[7] / max(summed[6], 1),
-                   unparsed=int(summed[8]), verifier_timeouts=int(summed[9]), **train,
-                   lr=scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_train=t2 - t1)
+                   unparsed=int(summed[8]), verifier_timeouts=int(summed[9]), verifier_errors=int(summed[10]),
+                   **train, time_rollout=t1 - t0, time_train=t2 - t1)
         if device.type == "cuda":
             row["peak_mem_gb"] = all_max(torch.cuda.max_memory_allocated(device), device) / 2**30
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:

@@ -109,18 +109,25 @@ class Tree:
         return [n for n in self.nodes() if n.terminal]
 
     def update_values(self) -> None:
-        """V(n) = mean reward of the leaves below n (PAPER.md section 2), bottom-up."""
-        def visit(n: Node) -> tuple[float, int]:
+        """V(n) = mean reward of the leaves below n (PAPER.md section 2), bottom-up.
+        A loop over the nodes deepest first, not a recursion: a response can have
+        thousands of steps (a base model emitting blank lines)."""
+        totals: dict[Node, tuple[float, int]] = {}  # node -> (sum of leaf rewards below, leaves below)
+        for n in sorted(self.nodes(), key=lambda n: -n.depth):
             if n.terminal:
-                n.V = float(n.reward if n.reward is not None else 0.0)
-                return n.V, 1
-            total, count = 0.0, 0
-            for c in n.children:
-                t, k = visit(c)
-                total, count = total + t, count + k
+                total, count = float(n.reward if n.reward is not None else 0.0), 1
+            else:
+                total = sum(totals[c][0] for c in n.children)
+                count = sum(totals[c][1] for c in n.children)
+            totals[n] = (total, count)
             n.V = total / count if count else 0.0
-            return total, count
-        visit(self.root)
+
+    def leaf_counts(self) -> dict[Node, int]:
+        """Number of leaves below each node (a leaf counts itself), deepest first."""
+        counts: dict[Node, int] = {}
+        for n in sorted(self.nodes(), key=lambda n: -n.depth):
+            counts[n] = 1 if n.terminal else sum(counts[c] for c in n.children)
+        return counts
 
 
 # ----------------------------------------------------------------------------
@@ -223,8 +230,15 @@ def generate_expander(model, tokenizer, sampling: Sampling,
                       prefixes: list[list[int]], max_new: list[int]) -> list[tuple[list[int], list[float]]]:
     """One batched HF `generate` call over every prefix (left padded). Each row
     runs to EOS or to its own max_new tokens. Returns, per prefix, the new token
-    ids (EOS included when sampled) and their rollout log-probs."""
-    from transformers import LogitsProcessorList, StoppingCriteriaList
+    ids (EOS included when sampled) and their rollout log-probs.
+
+    The sampler is exactly `sampling`: generate() fills every setting it is not
+    given from the checkpoint's generation_config.json (Qwen2.5-Instruct ships
+    repetition_penalty 1.05; others set no-repeat n-grams, min lengths, bad or
+    suppressed words, forced tokens, beams), which would sample from another
+    distribution than the log-probs recorded here describe. So the call sees a
+    blank model generation config and a complete one of ours."""
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
     device = next(model.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     input_ids, attention_mask = left_pad(prefixes, pad)
@@ -232,15 +246,19 @@ def generate_expander(model, tokenizer, sampling: Sampling,
     budget = torch.tensor(max_new, device=device)
     greedy = sampling.temperature <= 0
     recorder = _RecordLogprobs(len(tokenizer), 1.0 if greedy else sampling.temperature)
-    out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-        max_new_tokens=max(max_new), do_sample=not greedy,
-        temperature=None if greedy else sampling.temperature,
-        top_k=None if greedy else sampling.top_k, top_p=None if greedy else sampling.top_p,
-        pad_token_id=pad, eos_token_id=eos,
-        synced_gpus=False,  # HF would lock-step FSDP ranks every token; the trainer gathers weights first
-        logits_processor=LogitsProcessorList([recorder]),
-        stopping_criteria=StoppingCriteriaList([_RowBudget(width, budget)]))
+    ours = GenerationConfig(max_new_tokens=max(max_new), do_sample=not greedy, num_beams=1,
+                            temperature=1.0 if greedy else sampling.temperature,
+                            top_k=0 if greedy else sampling.top_k, top_p=1.0 if greedy else sampling.top_p,
+                            pad_token_id=pad, eos_token_id=eos)
+    checkpoints, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=ours,
+            synced_gpus=False,  # HF would lock-step FSDP ranks every token; the trainer gathers weights first
+            logits_processor=LogitsProcessorList([recorder]),
+            stopping_criteria=StoppingCriteriaList([_RowBudget(width, budget)]))
+    finally:
+        model.generation_config = checkpoints
     new = out[:, width:]                                  # (N, T_new)
     logps = recorder.finish(new[:, -1])[:, :new.shape[1]]  # (N, T_new)
     new, logps = new.tolist(), logps.tolist()

@@ -214,3 +214,89 @@ def test_rollout_gathers_weights_once_not_per_token(tiny_dir, monkeypatch):
     calls.clear()
     tree.generate_expander(model, tok, sampling, prefix, [12])
     assert len(calls) >= 10 * (units - 1)  # resharded again after the phase
+
+
+def _spy_ratios(monkeypatch):
+    """Per policy_loss call: max |logp - logp_old| on response tokens, and the number
+    of optimizer steps taken before it."""
+    import ibtpo
+    calls, steps = [], [0]
+    real_loss, real_step = ibtpo.policy_loss, torch.optim.AdamW.step
+
+    def loss(logp, old, adv, mask, *args, **kwargs):
+        calls.append((steps[0], float((logp.detach() - old)[mask.bool()].abs().max())))
+        return real_loss(logp, old, adv, mask, *args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        steps[0] += 1
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(ibtpo, "policy_loss", loss)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return calls
+
+
+def test_later_minibatches_are_weighed_against_the_sampling_policy(tiny_dir, math_jsonl, tmp_path, monkeypatch):
+    """updates_per_batch = 2: the second mini-batch comes after an optimizer step, so its
+    ratio against the policy that sampled it is not 1, and a high lr gets clipped."""
+    calls = _spy_ratios(monkeypatch)
+    last = run(tiny_dir, math_jsonl, tmp_path / "u2", "steps=1", "updates_per_batch=2", "lr=0.05")
+    first = [r for s, r in calls if s == 0]
+    second = [r for s, r in calls if s == 1]
+    assert first and second and len(first) + len(second) == len(calls)
+    assert max(first) < 1e-4     # the same weights as the pre-pass: ratio 1 up to rounding
+    assert max(second) > 1e-2    # one optimizer step later
+    assert last["clip_frac"] > 0
+
+
+def test_one_update_per_batch_is_on_policy_with_no_extra_forward(tiny_dir, math_jsonl, tmp_path, monkeypatch):
+    import ibtpo
+    calls = _spy_ratios(monkeypatch)
+    forwards, real = [], ibtpo.token_logprobs
+    monkeypatch.setattr(ibtpo, "token_logprobs", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    last = run(tiny_dir, math_jsonl, tmp_path / "u1", "steps=1", "lr=0.05")
+    assert calls and all(r == 0.0 for _, r in calls)
+    assert len(forwards) == 2 * len(calls)  # the policy and the reference, once per micro-batch
+    assert last["clip_frac"] == 0.0
+
+
+def test_logged_lr_is_the_one_the_step_used(tiny_dir, math_jsonl, tmp_path):
+    run(tiny_dir, math_jsonl, tmp_path / "lr", "lr=0.004", "warmup_steps=4")
+    assert [r["lr"] for r in metrics(tmp_path / "lr")] == [0.001, 0.002]  # (s + 1) / 4 of lr at step s
+
+
+def test_run_keys_reach_the_code_that_uses_them(tiny_dir, math_jsonl, tmp_path, monkeypatch):
+    """sqrt_leaves reaches compute_advantages, verifier_timeout the verifier."""
+    import ibtpo
+    import reward
+    seen = {"sqrt": set(), "timeout": set()}
+    real_adv, real_score = ibtpo.compute_advantages, reward.score_batch
+
+    def adv(tree, beta, lam, mode="mean", sqrt_leaves=False):
+        seen["sqrt"].add(sqrt_leaves)
+        return real_adv(tree, beta, lam, mode, sqrt_leaves)
+
+    def score(texts, answers, timeout=reward.TIMEOUT):
+        seen["timeout"].add(timeout)
+        return real_score(texts, answers, timeout)
+    monkeypatch.setattr(ibtpo, "compute_advantages", adv)
+    monkeypatch.setattr(reward, "score_batch", score)
+    run(tiny_dir, math_jsonl, tmp_path / "keys", "steps=1", "sqrt_leaves=true", "verifier_timeout=7.5",
+        f"eval_sets=[{math_jsonl}]")
+    assert seen == {"sqrt": {True}, "timeout": {7.5}}
+
+
+@pytest.mark.parametrize("override, words", [
+    ("prompt_template='{question} in \\boxed{}'", "write literal braces as {{ }}"),
+    ("eps_low=-0.5", "eps_low must be in [0, 1)"),
+    ("eps_high=1.5", "eps_high must be in [0, 1)"),
+    ("lr=inf", "lr must be a finite number"),
+    ("temperature=.nan", "temperature must be a finite number"),
+    ("lam=inf", "lam must be a finite number"),
+    ("lam=-0.1", "lam must be >= 0"),
+    ("verifier_timeout=0", "verifier_timeout must be > 0"),
+])
+def test_config_values_are_checked_at_load(override, words):
+    from config import load_config
+    with pytest.raises(ValueError) as e:
+        load_config(CFG, ["model=m", "data=d", override])
+    assert words in str(e.value)

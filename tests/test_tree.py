@@ -125,6 +125,100 @@ def test_expander_never_samples_past_vocab(tiny_model, tiny_tokenizer):
     assert all(len(ids) == 30 or ids[-1] == tok.eos_token_id for ids, _ in outs)
 
 
+@pytest.fixture
+def preset_dir(tiny_dir, tmp_path):
+    """The tiny model saved with a generation_config.json that sets everything a
+    checkpoint can ship that changes sampling: a repetition penalty (Qwen2.5-Instruct
+    ships 1.05), no-repeat n-grams, minimum lengths, bad words, suppressed tokens,
+    forced first and last tokens, and its own temperature / top-k /
+    top-p / max length."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    a, b, c = tok.convert_tokens_to_ids(["a", "b", "c"])
+    model.generation_config = GenerationConfig(
+        repetition_penalty=1.3, no_repeat_ngram_size=2, min_length=30, min_new_tokens=12,
+        bad_words_ids=[[a]], suppress_tokens=[b], begin_suppress_tokens=[tok.eos_token_id],
+        forced_bos_token_id=a, forced_eos_token_id=c,
+        do_sample=True, temperature=0.3, top_k=3, top_p=0.5, max_new_tokens=2,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert "repetition_penalty" in (tmp_path / "generation_config.json").read_text()
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(temperature=0.0), Sampling(1.0, 1.0, 0), Sampling(0.7, 0.9, 20)],
+                         ids=["greedy", "pure", "top-k-p"])
+def test_expander_samples_what_is_configured_whatever_the_checkpoint_ships(tiny_dir, preset_dir, sampling):
+    """Same weights, with and without the checkpoint's generation_config.json: the same
+    tokens and log-probs for the same seed, and the Decoder (which never reads the
+    file) agrees."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    prefixes = [tok("Compute 1+2.")["input_ids"], tok("ab")["input_ids"], tok("Hi there")["input_ids"]]
+    outs = []
+    for path in (tiny_dir, preset_dir):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        torch.manual_seed(3)
+        outs.append(tree.generate_expander(model, tok, sampling, prefixes, [24, 24, 24]))
+    assert outs[0] == outs[1]
+    assert max(len(ids) for ids, _ in outs[1]) > 2  # not the file's max_new_tokens
+    if sampling.temperature == 0:
+        dec = engine.Decoder(model, tok, sampling, max_rows=4)
+        for i, p in enumerate(prefixes):
+            dec.submit(i, p, 24)
+        done = {}
+        while dec.busy():
+            done.update({k: ids for k, ids, _ in dec.step()})
+        assert [done[i] for i in range(3)] == [ids for ids, _ in outs[1]]
+    assert model.generation_config.repetition_penalty == 1.3  # the checkpoint's own file is left as it was
+
+
+def test_a_5000_step_response_builds_a_tree_and_its_advantages():
+    """A base model emitting blank lines makes one step per token: nothing may
+    recurse once per step (Python's limit is 1,000)."""
+    class OneLongResponse:  # an engine: every request gets 5,000 one-token steps, then EOS
+        def __init__(self):
+            self.queue = []
+
+        def submit(self, key, prefix, max_new, priority=0, reuse=None, keep=False):
+            self.queue.append((key, min(max_new, 5000)))
+
+        def busy(self):
+            return bool(self.queue)
+
+        def step(self):
+            out = [(key, [5] * (n - 1) + [1], [-0.1] * n) for key, n in self.queue]
+            self.queue = []
+            return out
+
+        def release(self, keys):
+            pass
+
+    class Tok:  # one character per id; id 1 is EOS
+        eos_token_id = 1
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("" if i == 1 else "x" for i in ids)
+
+        def batch_decode(self, seqs, skip_special_tokens=True):
+            return [self.decode(s) for s in seqs]
+
+    cfg = TreeConfig(B0=2, L=2, K=1, B=1, strategy="ib", max_step_tokens=1)
+    trees, _ = tree.grow([[7, 8]], ["1"], OneLongResponse(), lambda t, a: ([1.0, 0.0, 1.0][:len(t)], {}),
+                         Tok(), cfg, 6000, random.Random(0))
+    t = trees[0]
+    depths = sorted(leaf.depth for leaf in t.leaves())
+    assert len(depths) == 3 and depths[:2] == [5000, 5000] and depths[2] > 5000  # a branch mid-chain
+    ibtpo.compute_advantages(t, beta=5.0, lam=0.1, sqrt_leaves=True)
+    trajs = ibtpo.trajectories(t)
+    assert sorted(len(tr.response_ids) for tr in trajs) == depths
+    assert all(len(ibtpo.token_advantages(tr)) == len(tr.response_ids) for tr in trajs)
+    assert tree.tree_stats(trees, cfg)["trajectories"] == 3
+    assert t.root.V == pytest.approx(2 / 3)
+
+
 # ---------------------------------------------------------------- trees
 
 @pytest.mark.parametrize("strategy", sorted(tree.STRATEGIES))
