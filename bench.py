@@ -490,6 +490,7 @@ TOY_METHODS = [  # (label, run name, overrides): the same toy task and generated
 def bench_toy(args):
     """Each method x seed is one `python train.py configs/toy.yaml ...` run
     (subprocess, same warm start); the table averages over seeds."""
+    import shutil
     import statistics
     import subprocess
     import sys
@@ -501,9 +502,10 @@ def bench_toy(args):
         runs = []
         for seed in args.seeds:
             run_dir = os.path.join(args.out, f"{slug}_s{seed}")
+            shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own folder: each run starts afresh
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "train.py", "configs/toy.yaml", *overrides, f"seed={seed}",
-                            f"run_dir={run_dir}", "resume=false", *args.extra], check=True,
+                            f"run_dir={run_dir}", *args.extra], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
             steps = [r for r in rows if "reward_mean" in r]

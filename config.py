@@ -3,19 +3,26 @@
     python train.py configs/qwen3_1p7b_ibtpo.yaml lr=2e-6 run_dir=runs/try2
 
 Every key is a field of Config below, with its default and meaning. Unknown
-keys, values of the wrong type and missing files are errors that name the key.
+keys, values of the wrong type and missing files are errors that name the key
+(UserError: train.py prints it as one line, `error: ...`, and exits 2).
 Command-line overrides are `key=value`, the value parsed as YAML (so `lam=0.1`,
 `chat_template=false`, `eval_sets=[a.jsonl,b.jsonl]`).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import typing
 from dataclasses import dataclass, field
 
 import yaml
+
+
+class UserError(Exception):
+    """A mistake in the config, the data or a path, which the user can fix: reported
+    as one line naming the key, file or row, without a traceback."""
 
 
 @dataclass
@@ -73,7 +80,9 @@ class Config:
     log_every: int = 1                   # print a metrics line every N steps (the JSON file gets every step)
     save_every: int = 0                  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2
-    resume: bool = True                  # continue from run_dir's latest checkpoint when there is one
+    resume: str = "true"                 # true: continue run_dir's latest checkpoint if there is one (refused when
+                                         # keys other than checkpoint.SAFE_TO_CHANGE differ); false: start afresh
+                                         # (refused if run_dir holds checkpoints); force: continue despite changes
     eval_sets: list = field(default_factory=list)  # "path_or_hub_id[@split][:question_field:answer_field]";
                                          # each set finds its own fields by name unless its spec names them
     eval_every: int = 0                  # evaluate every N steps (0: only before and after training)
@@ -88,7 +97,7 @@ class Config:
         import tree
         def need(ok: bool, key: str, msg: str):
             if not ok:
-                raise ValueError(f"config: {key} {msg} (got {getattr(self, key)!r})")
+                raise UserError(f"config: {key} {msg} (got {getattr(self, key)!r})")
         need(bool(self.model), "model", "must name a hub id or a local folder")
         need(bool(self.data) or self.eval_only, "data", "must name a dataset")
         need(self.dtype in ("bfloat16", "float16", "float32"), "dtype", "must be bfloat16, float16 or float32")
@@ -107,7 +116,8 @@ class Config:
             if f.type in (float, "float"):
                 need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
         need(self.beta > 0, "beta", "must be > 0")
-        need(self.lr > 0, "lr", "must be > 0")
+        need(0 < self.lr < 1, "lr", "must be in (0, 1): AdamW moves every weight by about lr per step")
+        need(self.resume in ("true", "false", "force"), "resume", "must be true, false or force")
         need(self.lam >= 0, "lam", "must be >= 0")
         need(0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
         need(0 <= self.eps_high < 1, "eps_high", "must be in [0, 1)")
@@ -118,23 +128,22 @@ class Config:
         try:
             self.prompt_template.format(question="")
         except (IndexError, KeyError, ValueError) as e:
-            raise ValueError(f"config: prompt_template is not a valid format string ({type(e).__name__}: {e}); "
+            raise UserError(f"config: prompt_template is not a valid format string ({type(e).__name__}: {e}); "
                              f"write literal braces as {{{{ }}}}, e.g. \\boxed{{{{}}}}") from None
         need(self.updates_per_batch <= self.questions_per_step, "updates_per_batch", "must be <= questions_per_step")
-        for key in ("model", "data"):
-            path = getattr(self, key)
-            if path and looks_local(path) and not os.path.exists(path):
-                raise FileNotFoundError(f"config: {key} path not found: {path}")
         from data import parse_spec
-        for spec in self.eval_sets:
-            path = parse_spec(spec)[0]
-            if looks_local(path) and not os.path.exists(path):
-                raise FileNotFoundError(f"config: eval_sets path not found: {path}")
+        for key, path in [("model", self.model), ("data", self.data)] + [("eval_sets", parse_spec(s)[0])
+                                                                         for s in self.eval_sets]:
+            if path and looks_local(path) and not os.path.exists(path):
+                raise UserError(f"config: {key} {path!r} not found (looked up as a local path: "
+                                f"{os.path.abspath(path)})")
 
 
 def looks_local(path: str) -> bool:
-    """A hub id is "name" or "org/name"; anything else is a local path."""
-    return (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1
+    """A hub id is "name" or "org/name"; anything else, and an "a/b" whose folder a
+    exists here (runs/my_model), is a local path."""
+    return (os.path.exists(path) or os.path.isabs(path) or path.startswith(".") or path.count("/") > 1
+            or ("/" in path and os.path.isdir(path.split("/")[0]))
             or os.path.splitext(path)[1].lower() in (".json", ".jsonl", ".parquet", ".csv"))
 
 
@@ -153,8 +162,10 @@ def _coerce(key: str, value, typ):
         return [value]
     if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. data_subset: 2024
+    if key == "resume" and isinstance(value, bool):
+        return str(value).lower()  # true / false, beside force
     if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
-        raise ValueError(f"config: {key} must be {origin.__name__}, got {type(value).__name__} {value!r}")
+        raise UserError(f"config: {key} must be {origin.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -163,24 +174,54 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     raw = {}
     if path is not None:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file not found: {path}")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raise UserError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path} is not text (not UTF-8): is it a YAML file?") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"config: {path} must hold a mapping of key: value")
+            raise UserError(f"config file {path} must hold a mapping of key: value")
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"config override must look like key=value, got {item!r}")
+            raise UserError(f"config override must look like key=value, got {item!r}")
         k, v = item.split("=", 1)
-        raw[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        try:
+            raw[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"config override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                            f"quote it, e.g. {k.strip()}='...'") from None
     types = typing.get_type_hints(Config)
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {unknown}; see config.py for the valid keys")
+    known = [f.name for f in dataclasses.fields(Config)]
+    for key in sorted(set(raw) - set(known)):
+        near = difflib.get_close_matches(key, known, n=1)
+        raise UserError(f"config: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                        + " (the keys and their meaning: config.py)")
     cfg = Config(**{k: _coerce(k, v, types[k]) for k, v in raw.items()})
     cfg.check()
     return cfg
+
+
+def explained(what: str, spec: str, load):
+    """load(spec), with an OSError (not found, no hub access) turned into one line
+    that says whether `spec` was taken for a local path or a hub id."""
+    try:
+        return load(spec)
+    except OSError as e:
+        where = "local folder" if looks_local(spec) else "not a local path, so a hub id, and the hub lookup failed"
+        if not looks_local(spec) and os.environ.get("HF_HUB_OFFLINE") == "1":
+            where += " (HF_HUB_OFFLINE is set)"
+        text = str(e).strip()
+        raise UserError(f"{what} {spec!r}: could not load it ({where}: "
+                        f"{text.splitlines()[0][:200] if text else type(e).__name__})") from None
+
+
+def _yaml_problem(e) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -124,6 +124,21 @@ def score_batch(responses: list[str], answers: list[str], timeout: float = TIMEO
     return [float(o == "correct") for o in outcomes], counts
 
 
+PLACEHOLDERS = {"", "n/a", "na", "none", "null", "nan", "?", "-"}  # a missing answer, not an answer
+
+
+def unscorable(golds: list[str], timeout: float = TIMEOUT) -> set[str]:
+    """The golds no response can honestly match: a placeholder for a missing answer
+    (empty, N/A, none, null; math-verify would read N/A as the fraction N over A),
+    or one that a response stating exactly the gold's own answer does not match
+    (text math-verify cannot parse)."""
+    unique = sorted(set(golds))
+    bad = {g for g in unique if _gold_text(g).lower() in PLACEHOLDERS}
+    rest = [g for g in unique if g not in bad]
+    rewards, _ = score_batch(["\\boxed{" + _gold_text(g) + "}" for g in rest], rest, timeout)
+    return bad | {g for g, r in zip(rest, rewards) if r != 1.0}
+
+
 # ---- parent side: a small pool of worker processes ----
 
 _lock = threading.Lock()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import random
 import sys
@@ -47,12 +48,12 @@ import time
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import engine
 import ibtpo
 import reward
 import tree
-from checkpoint import load_checkpoint, save_checkpoint
-from config import Config, load_config, save_config
+from config import Config, UserError, explained, load_config, save_config
 from data import batch_indices, describe, load_eval_sets, load_questions
 
 
@@ -178,11 +179,14 @@ def collate(trajs: list[ibtpo.Trajectory], pad: int, device):
     return ids.to(device), attn.to(device), resp.to(device), adv.to(device)
 
 
-def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int, device) -> dict:
+def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int, device) -> tuple[dict, list]:
     """updates_per_batch optimizer steps over this rank's trajectories, one per
-    mini-batch (trajs[i::updates_per_batch]), each micro-batched by token budget."""
+    mini-batch (trajs[i::updates_per_batch]), each micro-batched by token budget.
+    An update whose loss or gradient norm is not finite on any rank is skipped on
+    every rank (no weight moves; the LR schedule still advances). Returns the
+    batch's statistics and, per update, whether it was skipped."""
     stats = {"tokens": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "loss_sum": 0.0, "pad": 0.0, "cells": 0.0}
-    grad_norms, lrs = [], []
+    grad_norms, lrs, skips = [], [], []
     plans = []  # per mini-batch: (normalizer, collated micro-batches, dummy flags)
     for i in range(cfg.updates_per_batch):
         group = trajs[i::cfg.updates_per_batch]
@@ -208,6 +212,7 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
             olds = [[ibtpo.token_logprobs(model, ids, attn, temperature=cfg.temperature, vocab_size=len(tok))[0]
                      for ids, attn, _, _ in batches] for _, batches, _ in plans]
     for i, (norm, batches, dummy) in enumerate(plans):
+        finite = True
         for j, ((ids, attn, resp, adv), d) in enumerate(zip(batches, dummy)):
             logp, ent = ibtpo.token_logprobs(model, ids, attn, temperature=cfg.temperature, vocab_size=len(tok))
             ref_logp = None
@@ -220,6 +225,7 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
                                         eps_high=cfg.eps_high, ref_logp=ref_logp, kl_coef=cfg.kl_coef,
                                         agg=cfg.loss_agg, world_size=world)
             (loss * (0.0 if d else 1.0)).backward()
+            finite = finite and bool(torch.isfinite(loss))
             if not d:
                 for k in ("tokens", "clipped", "loss_sum"):
                     stats[k] += float(s[k])
@@ -228,16 +234,36 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
                 stats["cells"] += float(attn.numel())
                 stats["pad"] += float(attn.numel() - attn.sum())
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        grad_norms.append(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn))
-        lrs.append(scheduler.get_last_lr()[0])  # the rate this optimizer step uses
-        optimizer.step()
+        gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # the norm over all ranks
+        skips.append(not checkpoint.agree(finite and math.isfinite(gn)))
+        if not skips[-1]:
+            grad_norms.append(gn)
+            lrs.append(scheduler.get_last_lr()[0])  # the rate this optimizer step uses
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     tot = dict(zip(stats, all_sum(list(stats.values()), device)))
     n = max(tot["tokens"], 1.0)
     return {"loss": tot["loss_sum"] / n, "kl": tot["kl"] / n, "clip_frac": tot["clipped"] / n,
             "entropy": tot["entropy"] / n, "pad_frac": tot["pad"] / max(tot["cells"], 1.0),
-            "grad_norm": sum(grad_norms) / len(grad_norms), "train_tokens": tot["tokens"], "lr": lrs[-1]}
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            "train_tokens": tot["tokens"], "lr": lrs[-1] if lrs else 0.0, "skipped_steps": sum(skips)}, skips
+
+
+def batch_metrics(trees, verdicts: dict, tcfg: tree.TreeConfig, world: int, device) -> dict:
+    """The rollout's statistics over all ranks (PAPER.md section 7): per-rank means
+    over equal question counts averaged, counts summed."""
+    s = tree.tree_stats(trees, tcfg)
+    keys = ["avg_rate", "eff_rate", "ib_score", "ib_exploration", "ib_exploitation", "cov_eta"]
+    summed = all_sum([s[k] for k in keys] + [s["gen_tokens"], s["trajectories"], verdicts.get("unparsed", 0),
+                                             verdicts.get("timeout", 0), verdicts.get("error", 0)], device)
+    row = {k: v / world for k, v in zip(keys, summed)}
+    row.update(reward_mean=row["avg_rate"], gen_tokens=int(summed[6]), trajectories=int(summed[7]),
+               traj_per_1k_tokens=1000 * summed[7] / max(summed[6], 1), unparsed=int(summed[8]),
+               verifier_timeouts=int(summed[9]), verifier_errors=int(summed[10]))
+    if device.type == "cuda":
+        row["peak_mem_gb"] = all_max(torch.cuda.max_memory_allocated(device), device) / 2**30
+    return row
 
 
 # ----------------------------------------------------------------------------
@@ -269,158 +295,159 @@ def evaluate(model, tok, sets: dict, cfg: Config, rank: int, world: int, device)
     return out
 
 
-def plot_metrics(run_dir: str) -> str | None:
-    """run_dir/metrics.png: reward, Eff-Rate, IB-Score and held-out accuracy
-    over steps. matplotlib is optional: without it, no picture."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("reward_mean", "eff_rate", "ib_score"):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key)
-    for key in sorted({k for r in rows for k in r if k.startswith("eval/")}):
-        ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), "o--", label=key)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(run_dir, "metrics.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------------
 # The loop
+
+MAX_SKIPPED_IN_A_ROW = 3  # optimizer updates with a non-finite loss or gradient before the run stops
+
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     path = argv[0] if argv and "=" not in argv[0] else None
     cfg = load_config(path, [a for a in argv if a is not path])
     rank, world, device = setup_distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
     if cfg.questions_per_step % world:
-        raise ValueError(f"config: questions_per_step ({cfg.questions_per_step}) must be a multiple "
-                         f"of the number of processes ({world})")
+        raise UserError(f"config: questions_per_step ({cfg.questions_per_step}) must be a multiple "
+                        f"of the number of processes ({world})")
     if cfg.updates_per_batch > cfg.questions_per_step // world * tree_config(cfg).G:
-        raise ValueError(f"config: updates_per_batch ({cfg.updates_per_batch}) is more than the trajectories "
-                         f"of one rank's questions ({cfg.questions_per_step // world} x G = "
-                         f"{cfg.questions_per_step // world * tree_config(cfg).G})")
+        raise UserError(f"config: updates_per_batch ({cfg.updates_per_batch}) is more than the trajectories "
+                        f"of one rank's questions ({cfg.questions_per_step // world} x G = "
+                        f"{cfg.questions_per_step // world * tree_config(cfg).G})")
+    if cfg.eval_only and not cfg.eval_sets:
+        raise UserError("config: eval_only=true needs eval_sets (nothing to evaluate)")
+    if not cfg.eval_only:
+        step, ckpt, note = checkpoint.start(cfg)  # before anything is written to run_dir
+        checkpoint.check_writable(cfg.run_dir, rank)
     from tqdm import tqdm
     from transformers import AutoTokenizer
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    if rank == 0:
-        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     torch.manual_seed(cfg.seed + 1000 * rank)  # the rollouts' sampling RNG, one stream per rank
     random.seed(cfg.seed + 1000 * rank)         # the branching strategies' RNG
-    tok = AutoTokenizer.from_pretrained(cfg.model)
+    tok = explained("model", cfg.model, AutoTokenizer.from_pretrained)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = load_model(cfg.model, cfg, device, trainable=not cfg.eval_only)
+    model = explained("model", cfg.model, lambda p: load_model(p, cfg, device, trainable=not cfg.eval_only))
     eval_sets, reports = load_eval_sets(tok, cfg)
-    say = print if rank == 0 else (lambda *a: None)
     for name, report in reports.items():
         say(describe(f"eval set {name}", report, cfg))
 
-    if cfg.eval_only:
+    if cfg.eval_only:  # its own files: never the training run's config.yaml or metrics
         res = evaluate(model, tok, eval_sets, cfg, rank, world, device)
         if rank == 0:
             print(json.dumps(res))
+            os.makedirs(cfg.run_dir, exist_ok=True)
             with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
                 json.dump(res, f)
+            save_config(cfg, os.path.join(cfg.run_dir, "eval_config.yaml"))
         return res
 
     prompts, answers, report = load_questions(cfg.data, tok, cfg, cfg.data_subset, cfg.data_split,
                                               (cfg.question_field, cfg.answer_field))
     say(describe(f"training data {cfg.data}", report, cfg))
     total = cfg.steps or len(prompts) // cfg.questions_per_step
+    if total == 0:
+        raise UserError(f"nothing to train: steps=0 means one epoch, and the {len(prompts)} questions of "
+                        f"{cfg.data} are fewer than questions_per_step={cfg.questions_per_step}")
+    say(f"{note}: steps {step + 1}-{total} of {cfg.questions_per_step} questions, (B0, L, K, B) = "
+        f"({cfg.B0}, {cfg.L}, {cfg.K}, {cfg.B}), {world} process(es)" if step < total else
+        f"{note}: already at step {step} of steps={total}, nothing to train")
     ref = load_model(cfg.model, cfg, device, trainable=False) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warm)
-    step = load_checkpoint(model, optimizer, cfg, rank)
+    if ckpt:
+        step = checkpoint.load_checkpoint(model, optimizer, ckpt, rank)
     for _ in range(step * cfg.updates_per_batch):
         scheduler.step()  # the schedule is a function of the step alone
     metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-    if rank == 0:  # keep only the lines the restored state has seen
-        lines = open(metrics_path).read().splitlines() if os.path.isfile(metrics_path) and step else []
-        with open(metrics_path, "w") as f:
-            f.writelines(l + "\n" for l in lines if json.loads(l)["step"] <= step)
+    history = checkpoint.read_metrics(metrics_path)  # parsed on every rank: a bad file fails them all
+    if rank == 0:  # set up to train: the config, and the metrics the restored state has seen
+        config_path = os.path.join(cfg.run_dir, "config.yaml")
+        if ckpt and cfg.resume == "force" and os.path.isfile(config_path):
+            os.replace(config_path, os.path.join(cfg.run_dir, f"config.until_step_{step:06d}.yaml"))
+        save_config(cfg, config_path)
+        checkpoint.write_metrics(metrics_path, [r for r in history if r["step"] <= step])
     tcfg = tree_config(cfg)
     sampling = tree.Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_response_tokens)
     rollout_engine = make_engine(model, tok, sampling, cfg)
     verify = functools.partial(reward.score_batch, timeout=cfg.verifier_timeout)
-
-    def log(row: dict):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    log = (lambda row: checkpoint.append_metrics(metrics_path, row)) if rank == 0 else (lambda row: None)
 
     if eval_sets and step == 0:
         log({"step": 0, **evaluate(model, tok, eval_sets, cfg, rank, world, device)})
     bar = tqdm(range(step, total), initial=step, total=total, disable=rank != 0, desc="ib-tpo")
-    last = {}
-    for step in bar:
-        t0 = time.time()
-        idx = batch_indices(step, len(prompts), cfg, rank, world)
-        with gathered(model):
-            trees, verdicts = tree.grow([prompts[i] for i in idx], [answers[i] for i in idx], rollout_engine,
-                                        verify, tok, tcfg, cfg.max_response_tokens, random)
-        t1 = time.time()
-        trajs = []
-        for t in trees:
-            ibtpo.compute_advantages(t, cfg.beta, cfg.lam, cfg.step_prob, cfg.sqrt_leaves)
-            trajs += ibtpo.trajectories(t)
-        train = update(model, ref, optimizer, scheduler, trajs, cfg, tok, world, device)
-        t2 = time.time()
-        # batch statistics: sums over ranks of per-rank means weighted by question count
-        s = tree.tree_stats(trees, tcfg)
-        keys = ["avg_rate", "eff_rate", "ib_score", "ib_exploration", "ib_exploitation", "cov_eta"]
-        summed = all_sum([s[k] for k in keys] + [s["gen_tokens"], s["trajectories"], verdicts.get("unparsed", 0),
-                                                 verdicts.get("timeout", 0), verdicts.get("error", 0)], device)
-        row = {"step": step + 1, **{k: v / world for k, v in zip(keys, summed)}}
-        row["reward_mean"] = row["avg_rate"]
-        row.update(gen_tokens=int(summed[6]), trajectories=int(summed[7]),
-                   traj_per_1k_tokens=1000 * summed[7] / max(summed[6], 1),
-                   unparsed=int(summed[8]), verifier_timeouts=int(summed[9]), verifier_errors=int(summed[10]),
-                   **train, time_rollout=t1 - t0, time_train=t2 - t1)
-        if device.type == "cuda":
-            row["peak_mem_gb"] = all_max(torch.cuda.max_memory_allocated(device), device) / 2**30
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            row.update(evaluate(model, tok, eval_sets, cfg, rank, world, device))
-        if step + 1 == total and eval_sets:
-            row.update(evaluate(model, tok, eval_sets, cfg, rank, world, device))
-        log(row)
-        last = row
-        if rank == 0:
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", eff=f"{row['eff_rate']:.2f}",
-                            ib=f"{row['ib_score']:.3f}")
-            if (step + 1) % cfg.log_every == 0:
-                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total:
-            save_checkpoint(model, optimizer, tok, cfg, step + 1, rank)
-        if step + 1 == total and rank == 0 and cfg.dump_trees:
-            with open(os.path.join(cfg.run_dir, "trees.txt"), "w") as f:
-                f.write("\n\n".join(tree.dump(t, tok, tcfg) for t in trees[:cfg.dump_trees]) + "\n")
+    last, skipped_in_a_row = {}, 0
+    with checkpoint.Stop() as stop:
+        for step in bar:
+            t0 = time.time()
+            idx = batch_indices(step, len(prompts), cfg, rank, world)
+            try:
+                with gathered(model):
+                    trees, verdicts = tree.grow([prompts[i] for i in idx], [answers[i] for i in idx],
+                                                rollout_engine, verify, tok, tcfg, cfg.max_response_tokens, random)
+            except FloatingPointError as e:
+                raise UserError(f"step {step + 1}: {e}; the weights or the inputs are not finite "
+                                f"(lower lr, now {cfg.lr:g}?)") from None
+            t1 = time.time()
+            trajs = []
+            for t in trees:
+                ibtpo.compute_advantages(t, cfg.beta, cfg.lam, cfg.step_prob, cfg.sqrt_leaves)
+                trajs += ibtpo.trajectories(t)
+            train, skips = update(model, ref, optimizer, scheduler, trajs, cfg, tok, world, device)
+            row = {"step": step + 1, **batch_metrics(trees, verdicts, tcfg, world, device), **train,
+                   "time_rollout": t1 - t0, "time_train": time.time() - t1}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+                row.update(evaluate(model, tok, eval_sets, cfg, rank, world, device))
+            if step + 1 == total and eval_sets:
+                row.update(evaluate(model, tok, eval_sets, cfg, rank, world, device))
+            log(row)
+            last = row
+            if rank == 0:
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", eff=f"{row['eff_rate']:.2f}",
+                                ib=f"{row['ib_score']:.3f}")
+                if (step + 1) % cfg.log_every == 0:
+                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in row.items()))
+            for skipped in skips:
+                skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            if any(skips):
+                say(f"step {step + 1}: skipped {sum(skips)} optimizer update(s): non-finite loss "
+                    f"or gradient norm", file=sys.stderr)
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                done = checkpoint.complete_checkpoints(cfg.run_dir)
+                raise UserError(f"training diverged: {skipped_in_a_row} optimizer updates in a row had a "
+                                f"non-finite loss or gradient (step {step + 1}); the last checkpoint is "
+                                f"{done[-1][1] if done else 'none'}; lower lr (now {cfg.lr:g})")
+            saved = (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total
+            stopping = all_max(stop.signum, device)
+            if saved or stopping:
+                path = checkpoint.save_checkpoint(model, optimizer, tok, cfg, step + 1, rank)
+            if step + 1 == total and rank == 0 and cfg.dump_trees:
+                with open(os.path.join(cfg.run_dir, "trees.txt"), "w") as f:
+                    f.write("\n\n".join(tree.dump(t, tok, tcfg) for t in trees[:cfg.dump_trees]) + "\n")
+            if stopping and step + 1 < total:
+                bar.close()
+                raise checkpoint.Stopped(stopping, step + 1, path)
     if rank == 0:
-        plot_metrics(cfg.run_dir)
+        checkpoint.plot_metrics(cfg.run_dir)
         if eval_sets and last:
-            with open(metrics_path) as f:
-                first = json.loads(f.readline())
+            first = checkpoint.read_metrics(metrics_path)[0]
             for k in sorted(k for k in last if k.startswith("eval/")):
                 print(f"{k}: {first.get(k, float('nan')):.3f} before training -> {last[k]:.3f} after {total} steps")
-    return last
+    return last or (history[-1] if history else {})
 
 
 if __name__ == "__main__":
     try:
         main()
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except checkpoint.Stopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

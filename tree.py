@@ -395,6 +395,8 @@ def grow(prompts: list[list[int]], answers: list[str], engine, reward_fn, tokeni
         while engine.busy():
             for key, ids, logps in engine.step():
                 i, node, _ = key
+                if not math.isfinite(sum(logps)):  # would reach the IB-Score (eta2) and A_IB as NaN
+                    raise FloatingPointError("the policy produced NaN log-probs in the rollout")
                 leaf = attach(trees[i], node, ids, logps, tokenizer, cfg)
                 made_by[leaf] = key
                 fresh[i].append(leaf)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import reward
-from config import Config
+from config import Config, UserError
 from data import describe, load_eval_sets, load_questions, parse_spec, problem_text
 
 EVAL_SPECS = ["HuggingFaceH4/MATH-500", "HuggingFaceH4/aime_2024@train", "math-ai/amc23"]  # the recipes'
@@ -39,7 +39,7 @@ def test_an_eval_spec_can_name_its_fields(hub_standins, tiny_tokenizer):
     sets, reports = load_eval_sets(tiny_tokenizer, Config(eval_sets=[spec]))
     assert reports["MATH-500"]["fields"] == ("problem", "solution")
     assert all(g.startswith("We add") for g in sets["MATH-500"][1])
-    with pytest.raises(ValueError, match="no answer field 'nope'"):
+    with pytest.raises(UserError, match="no answer field 'nope'"):
         load_eval_sets(tiny_tokenizer, Config(eval_sets=[spec.replace(":solution", ":nope")]))
 
 
@@ -84,5 +84,5 @@ def test_dropped_prompts_are_counted(tiny_tokenizer, tmp_path):
     prompts, _, report = load_questions(str(spec), tiny_tokenizer, cfg)
     assert (report["rows"], report["kept"], report["dropped"]) == (3, 2, 1) and len(prompts) == 2
     assert "1 of 3 dropped (longer than max_prompt_tokens=50)" in describe("x", report, cfg)
-    with pytest.raises(ValueError, match="no usable questions"):
+    with pytest.raises(UserError, match="no usable questions"):
         load_questions(str(spec), tiny_tokenizer, Config(chat_template=False, max_prompt_tokens=5))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from config import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
@@ -96,20 +97,24 @@ def test_eval_only(tiny_dir, math_jsonl, tmp_path):
     assert not (tmp_path / "ev" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("extra, err, words", [
-    (["bogus=1"], ValueError, "unknown key(s) ['bogus']"),
-    (["B0=two"], ValueError, "B0 must be int"),
-    (["strategy=best"], ValueError, "strategy must be one of"),
-    (["rollout_engine=vllm"], ValueError, "rollout_engine must be decoder or lockstep"),
-    (["max_rows=0"], ValueError, "max_rows must be >= 1"),
-    (["data=/nonexistent/q.jsonl"], FileNotFoundError, "/nonexistent/q.jsonl"),
-    (["question_field=query"], ValueError, "no question field 'query'"),
-    (["model=/nonexistent_model"], FileNotFoundError, "/nonexistent_model"),
+@pytest.mark.parametrize("extra, words", [
+    (["bogus=1"], "unknown key 'bogus'"),
+    (["lamda=0.1"], "unknown key 'lamda'; did you mean 'lam'?"),
+    (["B0=two"], "B0 must be int"),
+    (["strategy=best"], "strategy must be one of"),
+    (["rollout_engine=vllm"], "rollout_engine must be decoder or lockstep"),
+    (["max_rows=0"], "max_rows must be >= 1"),
+    (["lr=1e3"], "lr must be in (0, 1)"),
+    (["resume=maybe"], "resume must be true, false or force"),
+    (["data=/nonexistent/q.jsonl"], "/nonexistent/q.jsonl"),
+    (["question_field=query"], "no question field 'query'"),
+    (["model=/nonexistent_model"], "/nonexistent_model"),
 ])
-def test_bad_config_and_data_fail_clearly(tiny_dir, math_jsonl, tmp_path, extra, err, words):
-    with pytest.raises(err) as e:
+def test_bad_config_and_data_fail_clearly(tiny_dir, math_jsonl, tmp_path, extra, words):
+    with pytest.raises(UserError) as e:
         run(tiny_dir, math_jsonl, tmp_path / "bad", *extra)
     assert words in str(e.value)
+    assert not (tmp_path / "bad" / "config.yaml").exists()  # nothing written for a run that never started
 
 
 def test_floats_in_exponent_form(tmp_path):
@@ -120,7 +125,7 @@ def test_floats_in_exponent_form(tmp_path):
     assert load_config(str(f)).lr == 3e-6
     cfg = load_config(str(f), ["lr=1e-6", "kl_coef=2E-3", "beta=5"])
     assert (cfg.lr, cfg.kl_coef, cfg.beta) == (1e-6, 2e-3, 5.0) and isinstance(cfg.beta, float)
-    with pytest.raises(ValueError, match="lr must be float, got str 'fast'"):
+    with pytest.raises(UserError, match="lr must be float, got str 'fast'"):
         load_config(str(f), ["lr=fast"])
 
 
@@ -141,11 +146,11 @@ def test_gpu_check_train_command_is_a_valid_config(tiny_dir, math_jsonl):
 
 
 def test_missing_config_file_and_bad_rows(tiny_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(UserError, match="nope.yaml"):
         train.main([str(tmp_path / "nope.yaml")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": 3, "answer": "1"}) + "\n")
-    with pytest.raises(ValueError, match="bad row"):
+    with pytest.raises(UserError, match="row 1: question holds int 3, not text"):
         train.main([CFG, f"model={tiny_dir}", f"data={bad}", f"run_dir={tmp_path / 'r'}"])
 
 
@@ -297,6 +302,6 @@ def test_run_keys_reach_the_code_that_uses_them(tiny_dir, math_jsonl, tmp_path, 
 ])
 def test_config_values_are_checked_at_load(override, words):
     from config import load_config
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         load_config(CFG, ["model=m", "data=d", override])
     assert words in str(e.value)
