@@ -1,14 +1,18 @@
-"""Benchmarks, one function per subcommand.
+"""Benchmarks, one function per subcommand (`python bench.py --help` gives each one's
+time on a 2-core CPU; nothing here is a timed test).
 
-    python bench.py reward [--n 1000] [--workers 2]   # score_batch throughput (answers/s)
-    python bench.py sampler [--model toy|smollm|PATH]  # trajectories per 1,000 generated tokens
-    python bench.py sample [--vocab tiny|qwen]           # engine.sample vs generate's sampler, time per step
-    python bench.py rollout [--model tiny|qwen2.5-1.5b]  # expander vs plain generate; IBTree vs GRPO wall time
-    python bench.py train [--model tiny|qwen2.5-1.5b]    # training tokens/s, MFU (GPU), peak memory
-    python bench.py overhead                             # share of step time outside the model (toy config)
-    python bench.py toy [--seeds 0 1 2]                  # the small-scale reproduction table (README)
+    python bench.py reward [--n 1000] [--workers 2]     # score_batch throughput (answers/s)
+    python bench.py sampler [--model toy|smollm|PATH]   # trajectories per 1,000 generated tokens
+    python bench.py sample [--vocab tiny|qwen]          # engine.sample vs generate's sampler, time per step
+    python bench.py rollout [--model tiny|qwen2.5-1.5b] # expander vs plain generate; IBTree vs GRPO wall time
+    python bench.py train [--model tiny|qwen2.5-1.5b]   # training tokens/s, MFU (GPU), peak memory
+    python bench.py overhead                            # share of step time outside the model (toy config)
+    python bench.py threads                             # 1 thread vs all, quiet and busy machine
+    python bench.py strategies                          # the branching table at toy scale, fixed policy
+    python bench.py toy [--seeds 0 1 ...] [--jobs 2]    # GRPO / IBTree / IB-TPO, seeds, intervals, picture
+    python bench.py ablation                            # the six-method ablation, same machinery
 
-Figures go in README's performance section; nothing here is a timed test.
+The figures, with their commands, machine and dates, are in BENCHMARKS.md.
 """
 import argparse
 import contextlib
@@ -371,7 +375,7 @@ def bench_rollout(args):
         for tree_name in ("ib (4,9,1,1)", "ib (4,3,4,1)"):
             (ti, ni), (tg, ng) = res[eng, tree_name], res[eng, "GRPO G=8"]
             print(f"      {eng:8s} {tree_name} / GRPO: wall time {ti / tg:.2f}x, generated tokens {ni / ng:.2f}x, "
-                  f"wall time per token {(ti / ni) / (tg / ng):.2f}x (target: wall time within 1.3x)")
+                  f"wall time per token {(ti / ni) / (tg / ng):.2f}x")
     for eng in [e for e in ("lockstep", "prefill") if e in engines and "decoder" in engines]:
         speedup = {name: res["decoder", name][0] / res[eng, name][0] for name in ("ib (4,9,1,1)", "GRPO G=8")}
         print(f"      decoder / {eng} wall time: IBTree {speedup['ib (4,9,1,1)']:.2f}x, "
@@ -462,8 +466,7 @@ def bench_overhead(args):
     t2 = time.perf_counter()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    import train as trainer
-    ids, attn, resp, adv = trainer.collate(trajs, tok.pad_token_id, torch.device("cpu"))
+    ids, attn, resp, adv = ibtpo.collate(trajs, tok.pad_token_id, torch.device("cpu"))
     t3 = time.perf_counter()
     logp, _ = ibtpo.token_logprobs(model, ids, attn, vocab_size=len(tok))
     loss, _ = ibtpo.policy_loss(logp, logp.detach(), adv, resp, float(resp.sum()))
@@ -478,72 +481,308 @@ def bench_overhead(args):
         print(f"  {name:50s} {v:7.3f} s  {v / total:6.1%}")
 
 
-TOY_METHODS = [  # (label, run name, overrides): the same toy task and generated-token budget,
-    # GRPO's 8 responses cost ~0.77x IBTree's 12, so GRPO runs 78 steps to IBTree's 60
-    ("GRPO (independent, G=8, lam=0)", "independent_lam0.0",
-     ["strategy=independent", "B0=8", "L=1", "steps=78", "lam=0.0"]),
-    ("IBTree, outcome advantage only (lam=0)", "ib_lam0.0", ["strategy=ib", "B0=4", "L=9", "lam=0.0"]),
-    ("IB-TPO (IBTree + A_IB, lam=0.1)", "ib_lam0.1", ["strategy=ib", "B0=4", "L=9", "lam=0.1"]),
-]
+# ----------------------------------------------------------------------------
+# The toy reproduction: methods x seeds, each a train.py run on the same warm start
+
+TOY_METHODS = {  # name: (label, overrides). Tree methods run 60 steps; GRPO sampling runs 90, which
+    # spends more generated tokens than the trees' 60 steps, so every method is read at one token budget
+    "grpo": ("GRPO (independent, G = 8, lam = 0)", ["strategy=independent", "B0=8", "L=1", "lam=0.0", "steps=90"]),
+    "ibtree": ("IBTree only (lam = 0)", ["strategy=ib", "lam=0.0"]),
+    "ib_adv": ("IB advantage only (independent, G = 8, lam = 0.1)",
+               ["strategy=independent", "B0=8", "L=1", "lam=0.1", "steps=90"]),
+    "random_ib": ("random tree + IB advantage", ["strategy=random", "lam=0.1"]),
+    "entropy_ib": ("entropy tree + IB advantage", ["strategy=entropy", "lam=0.1"]),
+    "ibtpo": ("IB-TPO (IBTree + A_IB, lam = 0.1)", ["strategy=ib", "lam=0.1"]),
+}
+COMMON_STEPS = 60
+TOY_COMMON = ["eval_every=10", "log_every=1000", f"steps={COMMON_STEPS}"]  # a method's own steps= comes after
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]  # Student t, 97.5% quantile, 1-30 degrees of freedom
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t interval of the mean (mean +- t_{0.975, n-1} * s / sqrt(n))."""
+    import statistics
+    n, m = len(values), statistics.mean(values)
+    if n < 2:
+        return m, float("nan"), float("nan")
+    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * statistics.stdev(values) / n ** 0.5
+    return m, m - half, m + half
+
+
+def at_tokens(curve: list[tuple[float, float]], budget: float) -> float:
+    """The accuracy of a run's (cumulative generated tokens, accuracy) curve at
+    `budget` tokens, linear between the evaluations around it."""
+    for (t0, a0), (t1, a1) in zip(curve, curve[1:]):
+        if t0 <= budget <= t1:
+            return a0 + (a1 - a0) * (budget - t0) / max(t1 - t0, 1e-9)
+    raise ValueError(f"budget {budget} outside the curve ({curve[0][0]}..{curve[-1][0]})")
+
+
+def toy_run(method: str, seed: int, run_dir: str, extra: list[str]) -> list[dict]:
+    """One train.py run (a subprocess); a finished run with the same config is
+    reused (train.py finds nothing to train), a stale one is started afresh."""
+    import shutil
+    import subprocess
+    import sys
+    cmd = [sys.executable, "train.py", "configs/toy.yaml", *TOY_COMMON, *TOY_METHODS[method][1], f"seed={seed}",
+           f"run_dir={run_dir}", *extra]
+    for attempt in (0, 1):
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode == 0:
+            break
+        if attempt == 0 and "with other settings" in p.stderr:
+            shutil.rmtree(run_dir)
+            continue
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    from checkpoint import read_metrics
+    return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def toy_summary(rows: list[dict]) -> dict:
+    """A run's evaluation curve against generated tokens and steps, and its diagnostics by step."""
+    import statistics
+    tokens, curve, by_step = 0, [], {}
+    for r in rows:
+        tokens += r.get("gen_tokens", 0)
+        if "eval/eval" in r:
+            curve.append((tokens, r["eval/eval"]))
+            by_step[r["step"]] = r["eval/eval"]
+    steps = [r for r in rows if "gen_tokens" in r]
+    common = steps[:COMMON_STEPS]  # the steps every method runs: GRPO's later, easier steps would lower its means
+    return {"curve": curve, "by_step": by_step, "tokens": tokens, "steps": steps,
+            "eff": statistics.mean(r["eff_rate"] for r in common), "cov": statistics.mean(r["cov_eta"] for r in common),
+            "tok_per_step": tokens / len(steps), "time": sum(r["time_rollout"] + r["time_train"] for r in steps)}
 
 
 def bench_toy(args):
-    """Each method x seed is one `python train.py configs/toy.yaml ...` run
-    (subprocess, same warm start); the table averages over seeds."""
-    import shutil
+    """Methods x seeds on the toy task, each a `python train.py configs/toy.yaml`
+    run from the same warm start (args.jobs at a time, 1 thread each). Held-out
+    accuracy (avg@4, 200 problems) is read at one generated-token budget (the
+    smallest any run spent, linear between its evaluations every 10 steps) and
+    at step 60; each method's difference from GRPO is paired by seed, with a 95%
+    t interval over seeds. Writes a picture of the curves (args.picture)."""
+    import hashlib
     import statistics
+    from concurrent.futures import ThreadPoolExecutor
+    import toy
+    warm = toy.prepare(args.toy_dir, seed=0, log=None)
+    stamp = hashlib.sha1(json.dumps(warm["settings"], sort_keys=True).encode()).hexdigest()[:8]
+    r = warm["results"]
+    print(f"toy reproduction on {machine()}: warm start {stamp} stopped at step {r['warm_start_steps']}, dev "
+          f"accuracy {r['dev_accuracy']:.3f}; methods {args.methods}, seeds {args.seeds}, {args.jobs} run(s) at a time")
+    t0 = time.perf_counter()
+    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        done = list(pool.map(lambda ms: toy_run(*ms, os.path.join(args.out, stamp, f"{ms[0]}_s{ms[1]}"), args.extra),
+                             jobs))
+    runs = {ms: toy_summary(rows) for ms, rows in zip(jobs, done)}
+    budget = min(s["tokens"] for s in runs.values())
+    for s in runs.values():
+        s["at_budget"] = at_tokens(s["curve"], budget)
+    print(f"all runs: {(time.perf_counter() - t0) / 60:.1f} min wall; equal-token budget {budget:,} generated tokens\n")
+    print("| method | before | at equal tokens | minus GRPO (95% t interval) | at step 60 | minus GRPO (95% t interval) "
+          "| Eff-Rate, steps 1-60 | Cov(eta1, eta2), steps 1-60 | tokens / step | train.py time / run |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for m in args.methods:
+        mine = [runs[(m, s)] for s in args.seeds]
+        cells = [TOY_METHODS[m][0], f"{statistics.mean(x['curve'][0][1] for x in mine):.3f}"]
+        for key in ("at_budget", COMMON_STEPS):
+            val = [x["at_budget"] if key == "at_budget" else x["by_step"][COMMON_STEPS] for x in mine]
+            sd = statistics.stdev(val) if len(val) > 1 else 0.0
+            cells.append(f"{statistics.mean(val):.3f} ± {sd:.3f}")
+            if m == "grpo" or "grpo" not in args.methods:
+                cells.append("")
+                continue
+            base = [runs[("grpo", s)]["at_budget"] if key == "at_budget" else runs[("grpo", s)]["by_step"][COMMON_STEPS]
+                    for s in args.seeds]
+            d, lo, hi = t_interval([a - b for a, b in zip(val, base)])
+            cells.append(f"{d:+.3f} ({lo:+.3f}, {hi:+.3f})")
+        cells += [f"{statistics.mean(x['eff'] for x in mine):.3f}", f"{statistics.mean(x['cov'] for x in mine):.4f}",
+                  f"{statistics.mean(x['tok_per_step'] for x in mine):,.0f}",
+                  f"{statistics.mean(x['time'] for x in mine):.0f} s"]
+        print("| " + " | ".join(cells) + " |")
+    if args.picture:
+        print(f"\n{toy_picture(runs, args.methods, args.seeds, args.picture)}")
+
+
+def toy_picture(runs: dict, methods: list[str], seeds: list[int], path: str) -> str:
+    """Per method, the mean over seeds and a band of +-1 std: held-out accuracy
+    against generated tokens, and Eff-Rate, Cov(eta1, eta2), IB-Score and policy
+    entropy against step (the curves of the paper's Figures 1, 3 and 5)."""
+    import statistics
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    for m in methods:
+        mine = [runs[(m, s)] for s in seeds]
+        end = min(x["tokens"] for x in mine)  # every seed is read at seed 0's evaluation points up to here
+        grid = [t for t, _ in mine[0]["curve"] if t < end] + [end]
+        acc = [[at_tokens(x["curve"], t) for x in mine] for t in grid]
+        series = [(axes[0], grid, acc)]
+        n = min(len(x["steps"]) for x in mine)
+        for ax, key in zip(axes[1:], ("eff_rate", "cov_eta", "ib_score", "entropy")):
+            series.append((ax, list(range(1, n + 1)), [[x["steps"][i][key] for x in mine] for i in range(n)]))
+        for ax, xs, ys in series:
+            mean = [statistics.mean(v) for v in ys]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
+            line, = ax.plot(xs, mean, label=TOY_METHODS[m][0])
+            ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
+                            color=line.get_color(), alpha=0.15)
+    for ax, title in zip(axes, ("held-out accuracy (avg@4) vs generated tokens", "Eff-Rate vs step",
+                                "Cov(eta1, eta2) vs step", "IB-Score (Eq. MC) vs step", "policy entropy vs step")):
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------
+# The branching table at toy scale: a fixed policy, trees of each strategy
+
+STRATEGY_ROWS = [  # label, TreeConfig fields, the paper's (Eff-Rate %, Avg-Rate %, tokens) on Qwen3-8B
+    ("independent, G = 8", dict(strategy="independent", B0=8, L=1), (54.7, 19.6, 7469)),
+    ("independent, G = 12", dict(strategy="independent", B0=12, L=1), (59.8, 20.1, 12035)),
+    ("random node", dict(strategy="random"), (48.4, 20.0, 7579)),
+    ("entropy-guided", dict(strategy="entropy"), (57.8, 21.6, 7784)),
+    ("IB-guided, beta = 1", dict(strategy="ib", beta=1.0), None),
+    ("IB-guided, beta = 5", dict(strategy="ib", beta=5.0), (60.2, 23.2, 7592)),
+    ("IB-guided, beta = 20", dict(strategy="ib", beta=20.0), None),
+]
+
+
+def bench_strategies(args):
+    """Trees of every strategy, (B0, L, K, B) = (4, 9, 1, 1) unless it says G,
+    grown by the warm-started toy policy (no training) on args.questions training
+    problems, args.seeds seeds, with configs/toy.yaml's sampling; prints the
+    paper's branching table at toy scale and where each strategy branches."""
+    import statistics
+    import torch
+    import engine
+    import reward
+    import toy
+    import tree
+    from config import load_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    toy.prepare(args.toy_dir, seed=0, log=None)
+    cfg = load_config("configs/toy.yaml", [f"model={args.toy_dir}/model", f"data={args.toy_dir}/train.jsonl",
+                                           "eval_sets=[]"])
+    torch.set_num_threads(cfg.threads)
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model).eval()
+    with open(cfg.data) as f:
+        problems = [json.loads(line) for line in f][:args.questions]
+    prompts = [toy.prompt_ids(tok, p["question"]) for p in problems]
+    sampling = tree.Sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_response_tokens)
+    print(f"branching at toy scale on {machine()}: {args.questions} training problems, seeds {args.seeds}, "
+          f"the warm start of {args.toy_dir} (no training), T {cfg.temperature}, max {cfg.max_response_tokens} tokens")
+    print("\n| strategy | Eff-Rate % | Avg-Rate % | tokens / question | trajectories / 1k tokens | picks at the root % "
+          "| picked prefix, tokens | picks with V = 0 % | picks with V = 1 % | paper: Eff-Rate, Avg-Rate, tokens |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    t0 = time.perf_counter()
+    for label, fields, paper in STRATEGY_ROWS:
+        tcfg = tree.TreeConfig(**{"B0": 4, "L": 9, "K": 1, "B": 1, "beta": cfg.beta, "step_prob": cfg.step_prob,
+                                  "max_step_tokens": cfg.max_step_tokens, **fields})
+        stats, picks = [], []
+        real = tree.STRATEGIES[tcfg.strategy]
+
+        def recording(candidates, k, rng, c, real=real):
+            chosen = real(candidates, k, rng, c)
+            picks[-1].extend((n.parent is None, n.n_tokens, n.V) for n in chosen)
+            return chosen
+        tree.STRATEGIES[tcfg.strategy] = recording
+        try:
+            for seed in args.seeds:
+                torch.manual_seed(seed)
+                picks.append([])
+                trees, _ = tree.grow(prompts, [p["answer"] for p in problems],
+                                     engine.Decoder(model, tok, sampling, args.max_rows), reward.score_batch, tok,
+                                     tcfg, cfg.max_response_tokens, random.Random(seed))
+                stats.append(tree.tree_stats(trees, tcfg))
+        finally:
+            tree.STRATEGIES[tcfg.strategy] = real
+
+        def cell(values, scale=1.0, digits=1):
+            values = [scale * v for v in values]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+        row = [label, cell([s["eff_rate"] for s in stats], 100), cell([s["avg_rate"] for s in stats], 100),
+               cell([s["gen_tokens"] / args.questions for s in stats]), cell([s["traj_per_1k_tokens"] for s in stats])]
+        if fields["strategy"] == "independent":
+            row += ["(all)", "0", "", ""]
+        else:
+            row += [cell([sum(r for r, _, _ in p) / len(p) for p in picks], 100),
+                    cell([sum(t for _, t, _ in p) / len(p) for p in picks]),
+                    cell([sum(v == 0 for _, _, v in p) / len(p) for p in picks], 100),
+                    cell([sum(v == 1 for _, _, v in p) / len(p) for p in picks], 100)]
+        row.append(f"{paper[0]}%, {paper[1]}%, {paper[2]:,}" if paper else "")
+        print("| " + " | ".join(row) + " |", flush=True)
+    print(f"\n{(time.perf_counter() - t0) / 60:.1f} min")
+
+
+# ----------------------------------------------------------------------------
+# Threads: a tiny model on 1 or all threads, on a quiet and on a busy machine
+
+def bench_threads(args):
+    """Seconds per toy training step (configs/toy.yaml, args.steps steps, no
+    evaluation) and per warm-start step, with 1 thread and with one per core,
+    first on the machine as it is, then with args.busy spinning processes."""
     import subprocess
     import sys
+    import tempfile
+    from checkpoint import read_metrics
     import toy
-    toy.prepare(args.toy_dir, seed=0)
-    print(f"toy reproduction: configs/toy.yaml, seeds {args.seeds}, on {machine()}")
-    table = []
-    for name, slug, overrides in TOY_METHODS:
-        runs = []
-        for seed in args.seeds:
-            run_dir = os.path.join(args.out, f"{slug}_s{seed}")
-            shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own folder: each run starts afresh
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "train.py", "configs/toy.yaml", *overrides, f"seed={seed}",
-                            f"run_dir={run_dir}", *args.extra], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-            steps = [r for r in rows if "reward_mean" in r]
-            evals = [(r["step"], r["eval/eval"]) for r in rows if "eval/eval" in r]
-            runs.append({"before": evals[0][1], "mid": evals[1][1] if len(evals) > 2 else float("nan"),
-                         "after": evals[-1][1], "eff": statistics.mean(r["eff_rate"] for r in steps),
-                         "cov": statistics.mean(r["cov_eta"] for r in steps),
-                         "tokens": sum(r["gen_tokens"] for r in steps),
-                         "traj": sum(r["trajectories"] for r in steps), "time": time.perf_counter() - t0,
-                         "mid_step": evals[1][0] if len(evals) > 2 else None})
-            print(f"  {name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                                       for k, v in runs[-1].items()))
-        avg = lambda k: statistics.mean(r[k] for r in runs)
-        sd = lambda k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0
-        table.append(f"| {name} | {avg('before'):.3f} | {avg('mid'):.3f} ± {sd('mid'):.3f} | "
-                     f"{avg('after'):.3f} ± {sd('after'):.3f} | {avg('eff'):.3f} | {avg('cov'):.4f} | "
-                     f"{avg('tokens'):,.0f} | {avg('traj'):,.0f} | {avg('time'):.0f} s |")
-    print(f"\n| method | held-out acc. before | at step {runs[0]['mid_step']} | after | Eff-Rate (mean) | "
-          f"Cov(eta1, eta2) (mean) | generated tokens | trajectories | wall time |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print("\n".join(table))
+    toy.prepare(args.toy_dir, seed=0, log=None)
+    cores = len(os.sched_getaffinity(0))
+    warm = ("import sys, time, toy\ntok = toy.build_tokenizer()\ntrain, _, dev = toy.make_splits(0, **toy.TASK)\n"
+            "t = time.perf_counter()\ntoy.warm_start(tok, train, toy.rows(dev)[:10], 0, **{**toy.WARM, 'threads': "
+            "int(sys.argv[1]), 'clean_steps': int(sys.argv[2]), 'band': 1.0, 'check_samples': 1}, log=None)\n"
+            "print(time.perf_counter() - t)")
+    print(f"threads on {machine()}")
+    print("\n| spinning processes | threads | toy training step, s | warm-start step, s |\n| ---: | ---: | ---: | ---: |")
+    for busy in (0, args.busy):
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+        try:
+            for threads in sorted({1, cores}):
+                with tempfile.TemporaryDirectory() as run_dir:
+                    subprocess.run([sys.executable, "train.py", "configs/toy.yaml", f"threads={threads}",
+                                    f"steps={args.steps}", "eval_sets=[]", f"run_dir={run_dir}", "log_every=1000"],
+                                   check=True, capture_output=True)
+                    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+                step = sum(r["time_rollout"] + r["time_train"] for r in rows) / len(rows)
+                out = subprocess.run([sys.executable, "-c", warm, str(threads), str(args.warm_steps)], check=True,
+                                     capture_output=True, text=True).stdout
+                print(f"| {busy} | {threads} | {step:.2f} | {float(out.split()[-1]) / (args.warm_steps + 1):.3f} |",
+                      flush=True)
+        finally:
+            for p in spinners:
+                p.kill()
+                p.wait()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("reward", help="score_batch throughput on distinct (response, gold) pairs")
+    p = sub.add_parser("reward", help="(~10 s) score_batch throughput on distinct (response, gold) pairs")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=bench_reward)
-    p = sub.add_parser("sampler", help="trajectories per 1,000 generated tokens, IBTree vs independent")
+    p = sub.add_parser("sampler", help="(~30 s) trajectories per 1,000 generated tokens, IBTree vs independent")
     p.add_argument("--model", default="toy", help="toy, smollm, or a local model folder")
     p.add_argument("--questions", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--toy-dir", default="runs/toy_data")
     p.set_defaults(func=bench_sampler)
-    p = sub.add_parser("rollout", help="expander vs plain generate; IBTree vs GRPO rollout wall time")
+    p = sub.add_parser("rollout", help="(~4 min) expander vs plain generate; IBTree vs GRPO rollout wall time")
     p.add_argument("--model", default="tiny", help="tiny, small, or qwen2.5-1.5b (random init, real shape)")
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--tokens", type=int, default=128)
@@ -556,28 +795,51 @@ def main():
                    choices=["lockstep", "decoder", "prefill"],
                    help="(b): engines; prefill is the decoder without KV reuse for branches")
     p.set_defaults(func=bench_rollout)
-    p = sub.add_parser("sample", help="engine.sample against generate's sampler on one step's logits")
+    p = sub.add_parser("sample", help="(~6 s) engine.sample against generate's sampler on one step's logits")
     p.add_argument("--vocab", default="tiny", choices=["tiny", "qwen"])
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--n", type=int, default=20, help="calls to time")
     p.set_defaults(func=bench_sample)
-    p = sub.add_parser("train", help="training tokens/s of one optimizer step")
+    p = sub.add_parser("train", help="(~10 s) training tokens/s of one optimizer step")
     p.add_argument("--model", default="tiny")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--checkpointing", action="store_true")
     p.set_defaults(func=bench_train)
-    p = sub.add_parser("overhead", help="share of a toy step's time outside the model")
+    p = sub.add_parser("overhead", help="(~30 s) share of a toy step's time outside the model")
     p.add_argument("--questions", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--toy-dir", default="runs/toy_data")
     p.set_defaults(func=bench_overhead)
-    p = sub.add_parser("toy", help="GRPO vs IBTree vs IB-TPO on the toy task, several seeds")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = sub.add_parser("toy", help="(~25 min) GRPO vs IBTree vs IB-TPO on the toy task, 8 seeds, intervals, picture")
+    p.add_argument("--methods", nargs="+", default=["grpo", "ibtree", "ibtpo"], choices=list(TOY_METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="runs at a time (1 thread each)")
     p.add_argument("--toy-dir", default="runs/toy_data")
     p.add_argument("--out", default="runs/toy_repro")
+    p.add_argument("--picture", default="runs/toy_repro/toy_repro.png")
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     p.set_defaults(func=bench_toy)
+    p = sub.add_parser("ablation", help="(~45 min, ~20 after toy) the paper's ablation (Table 4) at toy scale, 8 seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--toy-dir", default="runs/toy_data")
+    p.add_argument("--out", default="runs/toy_repro")
+    p.add_argument("--picture", default="runs/toy_repro/toy_ablation.png")
+    p.add_argument("--extra", nargs="*", default=[])
+    p.set_defaults(func=bench_toy, methods=list(TOY_METHODS))
+    p = sub.add_parser("strategies", help="(~3 min) the paper's branching table (Table 3) at toy scale, no training")
+    p.add_argument("--questions", type=int, default=400)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max-rows", type=int, default=512)
+    p.add_argument("--toy-dir", default="runs/toy_data")
+    p.set_defaults(func=bench_strategies)
+    p = sub.add_parser("threads", help="(~4 min) toy step and warm-start step times, 1 thread vs all, quiet vs busy")
+    p.add_argument("--busy", type=int, default=2, help="spinning processes for the busy half")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warm-steps", type=int, default=40)
+    p.add_argument("--toy-dir", default="runs/toy_data")
+    p.set_defaults(func=bench_threads)
     args = parser.parse_args()
     args.func(args)
 

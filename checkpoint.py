@@ -1,10 +1,9 @@
 """The run directory: checkpoints a crash cannot corrupt, a metrics file that loses
-nothing, the decision to start afresh or resume, stopping on a signal, and the
-metrics picture.
+nothing, the decision to start afresh or resume, and stopping on a signal.
 
     run_dir/config.yaml          the resolved config (written once the run is set up to train)
     run_dir/metrics.jsonl        one JSON line per step; step 0 is the evaluation before training
-    run_dir/metrics.png          reward, Eff-Rate, IB-Score and the eval sets over steps
+    run_dir/metrics.png, trees.* the pictures and the last step's trees (plots.py)
     run_dir/checkpoints/step_N/  hf/ (save_pretrained + tokenizer: loads with from_pretrained),
                                  state/ (torch.distributed.checkpoint of the sharded model and
                                  optimizer), rng_<r>.pt (every rank's RNG), meta.json (the step)
@@ -302,7 +301,7 @@ def prune(run_dir: str, step: int, keep: int) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Stopping on a signal, and the metrics picture
+# Stopping on a signal
 
 class Stop:
     """SIGTERM (schedulers send it before a kill) and SIGINT: every rank finishes
@@ -335,30 +334,3 @@ class Stopped(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved {path}; "
                          f"the same command resumes from there")
         self.exit_code = 128 + signum
-
-
-def plot_metrics(run_dir: str) -> str | None:
-    """run_dir/metrics.png: reward, Eff-Rate, IB-Score and held-out accuracy
-    over steps. matplotlib is optional: without it, no picture."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("reward_mean", "eff_rate", "ib_score"):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key)
-    for key in sorted({k for r in rows for k in r if k.startswith("eval/")}):
-        ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), "o--", label=key)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(run_dir, "metrics.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

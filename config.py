@@ -20,6 +20,19 @@ from dataclasses import dataclass, field
 import yaml
 
 
+STRATEGIES = ("ib", "entropy", "random", "independent")  # tree.STRATEGIES' keys (a test checks), known
+                                                          # here so that a config is checked before torch loads
+
+
+def parse_spec(spec: str) -> tuple[str, str | None, str, str]:
+    """An eval set "path_or_id[@split][:question_field:answer_field]" -> (path, split, qfield, afield)."""
+    qf = af = "auto"
+    if spec.count(":") >= 2:
+        spec, qf, af = spec.rsplit(":", 2)
+    path, split = spec.rsplit("@", 1) if "@" in spec else (spec, None)
+    return path, split, qf or "auto", af or "auto"
+
+
 class UserError(Exception):
     """A mistake in the config, the data or a path, which the user can fix: reported
     as one line naming the key, file or row, without a traceback."""
@@ -39,7 +52,7 @@ class Config:
     prompt_template: str = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
     chat_template: bool = True           # wrap the prompt with the tokenizer's chat template when it has one
     max_prompt_tokens: int = 512         # longer prompts are dropped at load time (counted in the log)
-    # --- IBTree sampling (PAPER.md section 4) and the IB-Score (section 3)
+    # --- IBTree sampling (METHOD.md section 4) and the IB-Score (section 3)
     strategy: str = "ib"                 # ib | entropy | random | independent (tree.STRATEGIES)
     B0: int = 4
     L: int = 9
@@ -76,6 +89,7 @@ class Config:
     # --- run
     steps: int = 0                       # rollout batches to train on; 0 = one epoch of the data
     seed: int = 0
+    threads: int = 0                     # torch CPU threads per process (0: torch's default); tiny models: 1
     run_dir: str = "runs/default"
     log_every: int = 1                   # print a metrics line every N steps (the JSON file gets every step)
     save_every: int = 0                  # checkpoint every N steps (0: only at the end)
@@ -94,14 +108,13 @@ class Config:
     dump_trees: int = 1                  # write this many trees of the last step to run_dir/trees.txt
 
     def check(self) -> None:
-        import tree
         def need(ok: bool, key: str, msg: str):
             if not ok:
                 raise UserError(f"config: {key} {msg} (got {getattr(self, key)!r})")
         need(bool(self.model), "model", "must name a hub id or a local folder")
         need(bool(self.data) or self.eval_only, "data", "must name a dataset")
         need(self.dtype in ("bfloat16", "float16", "float32"), "dtype", "must be bfloat16, float16 or float32")
-        need(self.strategy in tree.STRATEGIES, "strategy", f"must be one of {sorted(tree.STRATEGIES)}")
+        need(self.strategy in STRATEGIES, "strategy", f"must be one of {sorted(STRATEGIES)}")
         need(self.step_prob in ("mean", "joint"), "step_prob", "must be mean or joint")
         need(self.rollout_engine in ("decoder", "lockstep"), "rollout_engine", "must be decoder or lockstep")
         need(self.loss_agg in ("token-mean", "seq-mean-token-mean", "constant"), "loss_agg",
@@ -109,7 +122,7 @@ class Config:
         for k in ("B0", "L", "K", "B", "questions_per_step", "updates_per_batch", "micro_batch_tokens",
                   "max_response_tokens", "eval_k", "log_every", "keep_checkpoints", "max_rows"):
             need(getattr(self, k) >= 1, k, "must be >= 1")
-        for k in ("steps", "max_step_tokens", "top_k", "save_every", "eval_every", "warmup_steps", "kl_coef",
+        for k in ("threads", "steps", "max_step_tokens", "top_k", "save_every", "eval_every", "warmup_steps", "kl_coef",
                   "weight_decay", "grad_clip", "eval_max_questions", "dump_trees"):
             need(getattr(self, k) >= 0, k, "must be >= 0")
         for f in dataclasses.fields(self):
@@ -131,12 +144,12 @@ class Config:
             raise UserError(f"config: prompt_template is not a valid format string ({type(e).__name__}: {e}); "
                              f"write literal braces as {{{{ }}}}, e.g. \\boxed{{{{}}}}") from None
         need(self.updates_per_batch <= self.questions_per_step, "updates_per_batch", "must be <= questions_per_step")
-        from data import parse_spec
         for key, path in [("model", self.model), ("data", self.data)] + [("eval_sets", parse_spec(s)[0])
                                                                          for s in self.eval_sets]:
             if path and looks_local(path) and not os.path.exists(path):
+                hint = "; run `python toy.py prepare` first" if "toy_data" in path else ""
                 raise UserError(f"config: {key} {path!r} not found (looked up as a local path: "
-                                f"{os.path.abspath(path)})")
+                                f"{os.path.abspath(path)}){hint}")
 
 
 def looks_local(path: str) -> bool:
@@ -167,6 +180,65 @@ def _coerce(key: str, value, typ):
     if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
         raise UserError(f"config: {key} must be {origin.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+USAGE = """usage:
+  python train.py CONFIG.yaml [key=value ...]                      one process (the CPU, or one GPU)
+  torchrun --nproc_per_node=8 train.py CONFIG.yaml [key=value ...]  one node, one process per GPU
+  torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+      train.py CONFIG.yaml                                          two nodes
+  python train.py CONFIG.yaml eval_only=true model=CHECKPOINT/hf run_dir=DIR   score a checkpoint
+
+Overrides are key=value, the value read as YAML: lr=2e-6 chat_template=false eval_sets=[a.jsonl,b.jsonl].
+The method and its equation names: METHOD.md. What a run writes and prints: README.md."""
+
+
+def usage() -> str:
+    """USAGE, the recipes in configs/ (their first comment line) and every key with
+    its default and the comment beside it in Config."""
+    import glob
+    import inspect
+    import re
+    here = os.path.dirname(os.path.abspath(__file__))
+    lines = [USAGE, "", "recipes (configs/):"]
+    for path in sorted(glob.glob(os.path.join(here, "configs", "*.yaml"))):
+        with open(path) as f:
+            first = f.readline().lstrip("# ").strip()
+        lines.append(f"  {os.path.basename(path):24s} {first}")
+    docs, key = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        field_line = re.match(r" {4}(\w+): [^#]*(?:#\s*(.*))?$", line)
+        more = re.match(r" {20,}#\s*(.*)$", line)  # a comment continued below its field
+        if field_line:
+            key = field_line.group(1)
+            docs[key] = field_line.group(2) or ""
+        elif more and key:
+            docs[key] += " " + more.group(1)
+        else:
+            key = None
+    lines += ["", "keys (default, meaning):"]
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name} = {default!r}  {docs.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def from_command_line(argv: list[str]) -> Config:
+    """train.py's arguments, CONFIG.yaml [key=value ...], as a checked Config; usage on
+    --help (exit 0) or with no arguments (exit 2)."""
+    if not argv or "-h" in argv or "--help" in argv:
+        print(usage())
+        raise SystemExit(0 if argv else 2)
+    path = argv[0] if "=" not in argv[0] else None
+    return load_config(path, [a for a in argv if a is not path])
+
+
+def exit_with(error: UserError) -> None:
+    """Print a user's mistake as one line, once (rank 0 under torchrun), and exit 2."""
+    import sys
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:

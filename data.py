@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from config import Config, UserError, explained
+from config import Config, UserError, explained, parse_spec
 
 QUESTION_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "solution", "ground_truth", "final_answer")
@@ -54,15 +54,6 @@ def problem_text(question: str) -> str:
     if cut >= 0:
         question = question[:cut]
     return question.strip()
-
-
-def parse_spec(spec: str) -> tuple[str, str | None, str, str]:
-    """"path_or_id[@split][:question_field:answer_field]" -> (path, split, qfield, afield)."""
-    qf = af = "auto"
-    if spec.count(":") >= 2:
-        spec, qf, af = spec.rsplit(":", 2)
-    path, split = spec.rsplit("@", 1) if "@" in spec else (spec, None)
-    return path, split, qf or "auto", af or "auto"
 
 
 def check_file(path: str) -> None:

@@ -2,7 +2,7 @@
 
 Lockstep, the plain engine, answers every round with one HF `generate` call: each
 round decodes until its longest response ends, finished rows keep riding along
-as padding, and IBTree's L rounds run one after another (PAPER.md section 4;
+as padding, and IBTree's L rounds run one after another (METHOD.md section 4;
 the paper itself used vLLM with continuous batching).
 
 Decoder is a small continuous-batching loop over a pool of at most max_rows

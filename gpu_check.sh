@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check (issues 4 and 6): one prepared script for a lent H100/H200, ~8 min.
-# Random-init models of the real Qwen2.5-1.5B shape (no download), forced lengths.
+# The GPU check: one script for an H100/H200 machine with no internet, about 8 minutes.
+# It measures, on random-init models of the real Qwen2.5-1.5B shape (no download), forced lengths:
+#   engine.sample vs generate's sampler on Qwen's vocabulary; IBTree vs GRPO rollout wall time with
+#   both engines; training tokens/s, MFU and peak memory; then 3 train.py steps of IB-TPO
+#   (time_rollout, time_train, peak_mem_gb). Not yet run on a GPU: the README has no GPU figures.
 #
-# Before the call, here (the GPU image has transformers 5.17 and no datasets/math-verify):
+# An offline GPU image may lack the pinned pure-Python packages: download their wheels first,
+# on a machine with internet, into .whl/ (the script installs them from there):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl transformers==5.24.0 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
 #     antlr4-python3-runtime==4.13.2 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18
-# then run it with the device tool: carry [".whl"], command "bash gpu_check.sh", timeout 540.
+# then, on the GPU machine: bash gpu_check.sh   (writes runs/gpu_check/gpu_check.log)
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -17,13 +21,13 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 {
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-echo "== bench sample: engine.sample vs generate's sampler on Qwen's vocabulary (issue 6)"
+echo "== bench sample: engine.sample vs generate's sampler on Qwen's vocabulary"
 timeout 30 python3 bench.py sample --vocab qwen --rows 256 --n 20
-echo "== bench rollout (issue 6, item 2)"
+echo "== bench rollout: IBTree vs GRPO wall time"
 timeout 240 python3 bench.py rollout --model qwen2.5-1.5b --rows 64 --tokens 192 --questions 16 --step 48 --repeat 1
-echo "== bench train (issue 6, item 3)"
+echo "== bench train: tokens/s, MFU, peak memory"
 timeout 90 python3 bench.py train --model qwen2.5-1.5b --rows 8 --length 2048 --checkpointing
-echo "== train.py, 3 steps of IB-TPO on a random-init Qwen2.5-1.5B shape (issue 4)"
+echo "== train.py, 3 steps of IB-TPO on a random-init Qwen2.5-1.5B shape"
 python3 - <<'PY'
 import json, os, random, torch, toy
 from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -1,4 +1,4 @@
-"""IB-Score: the Information Bottleneck score of the next step (PAPER.md section 3).
+"""IB-Score: the Information Bottleneck score of the next step (METHOD.md section 3).
 
 For the next step S after a prefix, with target a* (the correct answer),
 
@@ -34,7 +34,7 @@ With children drawn i.i.d. from p, eta2 = p_k, V(c) = q_k and V(n) = qbar, each
 term is an unbiased estimate of its closed-form counterpart, since
 E[eta2] = sum p_k^2 and E[(r - 1) eta2] = sum p_k^2 (r_k - 1).
 
-Ratio guard (DECISION, PAPER.md section 3): r = 1 when V(n) = 0 in Eq. MC and
+Ratio guard (a DECISION, METHOD.md section 7): r = 1 when V(n) = 0 in Eq. MC and
 r_k = 1 when qbar = 0 in Eq. IB. Nothing has succeeded, so no step is better
 or worse than another: the exploitation term is 0 and J = exploration.
 

@@ -1,6 +1,6 @@
 """IB-TPO: step advantages on the tree, token log-probs, and the clipped loss.
 
-Notation as in PAPER.md (sections 5 and 6). For a step node s with parent s_p
+Notation as in METHOD.md (sections 5 and 6). For a step node s with parent s_p
 in the tree of one question:
 
   Eq. GL     A_GL(s) = (V(s) - V(root)) / std(leaf rewards of the tree)
@@ -16,7 +16,7 @@ step, so lam = 0 gives exactly GRPO's (R - mean) / std.
              l_t = -min(w_t A_t, clip(w_t, 1 - eps_low, 1 + eps_high) A_t)
                    + kl_coef * k3_t,   k3_t = exp(ref - logp) - (ref - logp) - 1
 
-DECISIONs taken here (where PAPER.md is silent or leaves a choice):
+DECISIONs taken here (where the paper is silent; METHOD.md section 7):
 - std is the population std (GL_STD_UNBIASED = False). GRPO codebases differ:
   several call torch's default std, which is the sample std; set the flag to
   True for that.
@@ -119,6 +119,39 @@ def compute_advantages(tree: Tree, beta: float, lam: float, step_prob_mode: str 
 def token_advantages(traj: Trajectory) -> list[float]:
     """A of the step each response token belongs to, (T,) like traj.response_ids."""
     return [traj.steps[i].A for i in traj.step_index]
+
+
+# --------------------------------------------------------------------------
+# Batches: trajectories as padded tensors, packed by a token budget
+# --------------------------------------------------------------------------
+
+def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Pack sequences, longest first, so that rows x longest row <= budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[cur[0]] > budget:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + [cur] if cur else out
+
+
+def collate(trajs: list[Trajectory], pad: int, device):
+    """Right-padded (B, T) ids and mask, and (B, T-1) tensors aligned to the
+    next-token log-probs: the response mask and the advantages."""
+    T = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    ids = torch.full((len(trajs), T), pad, dtype=torch.long)
+    attn = torch.zeros((len(trajs), T), dtype=torch.long)
+    resp = torch.zeros((len(trajs), T - 1))
+    adv = torch.zeros((len(trajs), T - 1))
+    for i, t in enumerate(trajs):
+        P, R = len(t.prompt_ids), len(t.response_ids)
+        ids[i, :P + R] = torch.tensor(t.prompt_ids + t.response_ids)
+        attn[i, :P + R] = 1
+        resp[i, P - 1:P + R - 1] = 1  # logp[:, t] scores ids[:, t + 1]
+        adv[i, P - 1:P + R - 1] = torch.tensor(token_advantages(t))
+    return ids.to(device), attn.to(device), resp.to(device), adv.to(device)
 
 
 # --------------------------------------------------------------------------

@@ -6,7 +6,7 @@ multi-step arithmetic task, and a short supervised warm start. No download.
 
 The model is a real LlamaForCausalLM (the code path Llama/Qwen checkpoints
 take); the tokenizer is byte-level BPE with no merges, one token per byte, so
-"\\n\\n" spans two tokens (the character-level case of PAPER.md section 1). The
+"\\n\\n" spans two tokens (the character-level case of METHOD.md section 1). The
 model's vocabulary is padded past the tokenizer's, as Qwen's is, so the code
 must never sample an id the tokenizer does not have. Everything is written with
 save_pretrained and read back by the real from_pretrained loaders.
@@ -15,23 +15,26 @@ The task: "Compute 7+5-3+8." is solved one "\\n\\n"-separated step per
 operation, "7+5=12\\n\\n12-3=9\\n\\n9+8=17\\n\\n\\boxed{17}", generated in code from a
 seed. TASK: 2-4 operations, operands 1-9, every running value kept in 0-9 (so
 the whole table is 90 one-digit facts a tiny char-level model can learn);
-4,000 train and 200 held-out problems, distinct, shuffled, disjoint.
+4,000 train, 200 held-out (eval) and 200 dev problems, distinct, shuffled,
+disjoint.
 
-The warm start (WARM: the default 64-hidden 2-layer Llama, AdamW, batch 64,
-600 steps) first trains on clean solutions at full lr (70% of the steps),
-then on solutions in which every step independently slips with probability
-0.35: its result is off by +-1 or +-2 and the later steps carry on correctly
-from the wrong value, so the final answer is off too (slips never cancel).
-Why two phases: with slips from the start the noisy labels delay learning the
-arithmetic past the budget on some seeds. The policy ends up knowing the
-arithmetic (greedy decoding ~98-100% right) but with a habit of slipping at
-identifiable steps, which step-level credit assignment has to remove.
-
-Measured here (2 cores, `python toy.py prepare`, seed 0, 2026-11-26): warm
-start 37 s; held-out accuracy at temperature 0.7 (top_p 1, top_k 0) 0.310 over
-the 200 problems, one sample each. A second prepare is cached (~5 s, imports).
-`python train.py configs/toy.yaml` (IB-TPO, 60 steps of 16 questions) then
-trains it; the README gives the three-seed figures.
+The warm start (WARM: the default 64-hidden 2-layer Llama, AdamW, batch 64, on
+1 thread) first trains on clean solutions for 600 steps, which teaches the
+arithmetic (sampled accuracy ~0.97). Then it trains at 30% of that lr on
+solutions in which every step independently slips with probability 0.45: its
+result is off by +-1 or +-2 and the later steps carry on correctly from the
+wrong value, so the final answer is off too (slips never cancel). After at
+least 150 such steps (a habit learnt this long takes RL some 60 steps at the
+demo's lr to remove; 25 steps at 2% lr made one that RL removed in 10), the
+accuracy is measured every 25 steps on the dev split (200 problems x 4 samples
+at temperature 0.7), and the warm start stops at the first check within
+target +- band (0.35 +- 0.05). Stopping on a
+measured accuracy, not a step count, is what makes the start the same on any
+machine: float differences (threads, CPU kernels) compounded over a fixed
+number of AdamW steps once gave 0.345 on one machine and 0.49 on another. The
+policy knows the arithmetic but slips at identifiable steps, which step-level
+credit assignment has to remove. settings.json records the step and the
+accuracy it stopped at, and the held-out accuracy.
 """
 import argparse
 import json
@@ -46,10 +49,11 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-TASK = dict(min_ops=2, max_ops=4, max_operand=9, max_value=9, n_train=4000, n_eval=200)
-WARM = dict(hidden=64, layers=2, steps=600, batch=64, lr=5e-3, p_slip=0.35, max_slip=2, clean_frac=0.7)
+TASK = dict(min_ops=2, max_ops=4, max_operand=9, max_value=9, n_train=4000, n_eval=200, n_dev=200)
+WARM = dict(hidden=64, layers=2, batch=64, lr=5e-3, clean_steps=600, p_slip=0.45, max_slip=2, slip_lr=0.3,
+            slip_steps=150, target=0.35, band=0.05, check_every=25, check_samples=4, max_steps=3000, threads=1)
 MAX_RESPONSE_TOKENS = 64  # a 4-operation solution, slips included, is under 50 tokens with EOS
-VERSION = 1               # bump when the generator or the warm start changes meaning
+VERSION = 2               # bump when the generator or the warm start changes meaning
 
 
 def build_tokenizer(corpus: list[str] | None = None, merges: int = 0) -> PreTrainedTokenizerFast:
@@ -129,19 +133,20 @@ def corrupt(terms: list[int], rng: random.Random, p_slip: float, max_slip: int =
     return slips
 
 
-def make_splits(seed: int, n_train: int, n_eval: int, **task) -> tuple[list[list[int]], list[list[int]]]:
-    """n_train + n_eval distinct problems (by question text) from the seed,
-    shuffled, then split: train and eval are disjoint and alike."""
-    rng, seen, out = random.Random(seed), set(), []
-    for _ in range(100 * (n_train + n_eval)):
+def make_splits(seed: int, n_train: int, n_eval: int, n_dev: int = 0, **task) -> tuple[list, list, list]:
+    """n_train + n_eval + n_dev distinct problems (by question text) from the
+    seed, shuffled, then split: train, eval (held out) and dev (the warm start's
+    checks) are disjoint and alike."""
+    rng, seen, out, n = random.Random(seed), set(), [], n_train + n_eval + n_dev
+    for _ in range(100 * n):
         terms = make_problem(rng, **task)
         if question(terms) not in seen:
             seen.add(question(terms))
             out.append(terms)
-            if len(out) == n_train + n_eval:
+            if len(out) == n:
                 rng.shuffle(out)  # rarer short problems run out first: mix before splitting
-                return out[n_eval:], out[:n_eval]
-    raise ValueError(f"could not draw {n_train + n_eval} distinct problems with {task}")
+                return out[n_eval + n_dev:], out[:n_eval], out[n_eval:n_eval + n_dev]
+    raise ValueError(f"could not draw {n} distinct problems with {task}")
 
 
 def rows(problems: list[list[int]]) -> list[dict]:
@@ -158,44 +163,57 @@ def prompt_ids(tok, q: str) -> list[int]:
 # ----------------------------------------------------------------------------
 # Warm start and evaluation
 
-def warm_start(tok, train: list[list[int]], seed: int, hidden: int, layers: int, steps: int,
-               batch: int, lr: float, p_slip: float, max_slip: int, clean_frac: float, log=print):
+def warm_start(tok, train: list[list[int]], dev: list[dict], seed: int, hidden: int, layers: int, batch: int,
+               lr: float, clean_steps: int, p_slip: float, max_slip: int, slip_lr: float, slip_steps: int, target: float,
+               band: float, check_every: int, check_samples: int, max_steps: int, threads: int, log=print):
     """Supervised training on prompt + solution + EOS, loss on the response
-    tokens only: clean solutions for the first clean_frac of the steps, then
-    slipped ones (corrupt). A fresh corruption is drawn every time a problem is
-    seen, so the model learns a slip rate, not particular slips."""
+    tokens only: clean solutions for clean_steps, then slipped ones (corrupt) at
+    slip_lr x lr until the dev accuracy is within target +- band (module
+    docstring). A fresh corruption is drawn every time a problem is seen, so the
+    model learns a slip rate, not particular slips. Returns (model, step, dev accuracy)."""
     import torch
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     model = build_model(tok, hidden=hidden, layers=layers, seed=seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    clean = int(clean_frac * steps)  # phase 1: clean solutions at full lr; phase 2: slips, lr decaying to 10%
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 1.0 - 0.9 * max(0, s - clean) / max(1, steps - clean)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 30, 1.0) if s < clean_steps else slip_lr)
     rng, eos, pad = random.Random(seed + 1), tok.eos_token_id, tok.pad_token_id
-    prompts = {}
-    for step in range(steps):
-        seqs, rate = [], p_slip if step >= clean else 0.0
-        for terms in rng.sample(train, batch):
-            q = question(terms)
-            p = prompts.get(q) or prompts.setdefault(q, prompt_ids(tok, q))
-            r = tok(solution(terms, corrupt(terms, rng, rate, max_slip)), add_special_tokens=False)["input_ids"] + [eos]
-            seqs.append((p, r))
-        width = max(len(p) + len(r) for p, r in seqs)
-        ids, labels = torch.full((batch, width), pad), torch.full((batch, width), -100)
-        mask = torch.zeros_like(ids)
-        for i, (p, r) in enumerate(seqs):  # right padding; labels only on the response
-            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, :len(p) + len(r)] = 1
-            labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if log and (step % 100 == 0 or step == steps - 1):
-            log(f"  warm start step {step:4d}  loss {loss.item():.4f}")
-    return model.eval()
+    prompts, acc = {}, None
+    try:
+        for step in range(1, max_steps + 1):
+            seqs, rate = [], p_slip if step > clean_steps else 0.0
+            for terms in rng.sample(train, batch):
+                q = question(terms)
+                p = prompts.get(q) or prompts.setdefault(q, prompt_ids(tok, q))
+                r = tok(solution(terms, corrupt(terms, rng, rate, max_slip)), add_special_tokens=False)["input_ids"]
+                seqs.append((p, r + [eos]))
+            width = max(len(p) + len(r) for p, r in seqs)
+            ids, labels = torch.full((batch, width), pad), torch.full((batch, width), -100)
+            mask = torch.zeros_like(ids)
+            for i, (p, r) in enumerate(seqs):  # right padding; labels only on the response
+                ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+                mask[i, :len(p) + len(r)] = 1
+                labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if step >= clean_steps + slip_steps and (step - clean_steps) % check_every == 0:
+                with torch.random.fork_rng():  # the check draws samples; training's stream is untouched
+                    acc, _ = evaluate(model.eval(), tok, dev, samples=check_samples, seed=seed)
+                model.train()
+                if log:
+                    log(f"  warm start step {step:4d}  loss {loss.item():.4f}  dev accuracy {acc:.3f}")
+                if abs(acc - target) <= band:
+                    return model.eval(), step, acc
+            elif log and step % 100 == 0:
+                log(f"  warm start step {step:4d}  loss {loss.item():.4f}")
+    finally:
+        torch.set_num_threads(old_threads)
+    raise RuntimeError(f"the warm start did not reach dev accuracy {target} +- {band} in {max_steps} steps "
+                       f"(last {acc}): the toy world's settings need a look")
 
 
 def evaluate(model, tok, rows_: list[dict], temperature=0.7, samples=1, seed=0,
@@ -243,17 +261,17 @@ def prepare(out_dir: str = "runs/toy_data", seed: int = 0, task: dict | None = N
             return {**old, "cached": True}
         os.remove(stamp)  # so an interrupted run can never pass for a finished one
     os.makedirs(out_dir, exist_ok=True)
-    train, held_out = make_splits(seed, **settings["task"])
+    train, held_out, dev = make_splits(seed, **settings["task"])
     _write_jsonl(os.path.join(out_dir, "train.jsonl"), rows(train))
     _write_jsonl(os.path.join(out_dir, "eval.jsonl"), rows(held_out))
     log(f"wrote {len(train)} train and {len(held_out)} held-out problems to {out_dir}")
     tok, t0 = build_tokenizer(), time.time()
-    model = warm_start(tok, train, seed, **settings["warm"], log=log)
-    results = {"warm_start_s": round(time.time() - t0, 1)}
+    model, step, dev_acc = warm_start(tok, train, rows(dev), seed, **settings["warm"], log=log)
+    results = {"warm_start_s": round(time.time() - t0, 1), "warm_start_steps": step, "dev_accuracy": dev_acc}
     model.save_pretrained(os.path.join(out_dir, "model"))
     tok.save_pretrained(os.path.join(out_dir, "model"))
-    log(f"warm start: {results['warm_start_s']} s on {torch.get_num_threads()} threads; "
-        f"model + tokenizer in {out_dir}/model")
+    log(f"warm start: stopped at step {step} with dev accuracy {dev_acc:.3f} (target {settings['warm']['target']}"
+        f" +- {settings['warm']['band']}), {results['warm_start_s']} s; model + tokenizer in {out_dir}/model")
     if measure:
         acc, texts = evaluate(model, tok, rows(held_out), seed=seed)
         results["eval_accuracy"] = acc
@@ -287,8 +305,9 @@ def main(argv=None) -> None:
         return
     out = prepare(getattr(args, "out", "runs/toy_data"), getattr(args, "seed", 0))
     if out["cached"]:
-        print(f"warm start took {out['results']['warm_start_s']} s; held-out accuracy "
-              f"{out['results'].get('eval_accuracy', float('nan')):.3f} (recorded in settings.json)")
+        r = out["results"]
+        print(f"warm start: stopped at step {r['warm_start_steps']} with dev accuracy {r['dev_accuracy']:.3f}; "
+              f"held-out accuracy {r.get('eval_accuracy', float('nan')):.3f} (recorded in settings.json)")
     if args.cmd is None:
         print("next: python train.py configs/toy.yaml")
 

@@ -6,7 +6,7 @@
         --rdzv_endpoint=$HEAD:29500 train.py configs/qwen3_8b_ibtpo.yaml
     python train.py cfg.yaml eval_only=true model=runs/x/checkpoints/step_000100/hf
 
-Every step (PAPER.md sections 4-6):
+Every step (METHOD.md sections 4-6):
   1. rollout: each rank grows IBTrees (B0, L, K, B) for its share of the
      questions (tree.grow on engine.Decoder, a continuous-batching decode loop,
      or engine.Lockstep, one batched generate per round), verified by reward.py;
@@ -32,9 +32,18 @@ Simplifications against the paper (which used verl + vLLM on 8 x A100):
   - pi_old(s) in A_IB and eta2 in the IB-Score use the rollout's log-probs
     (temperature-scaled, before top-k/top-p truncation).
   - Each trajectory is a sample of its own: tokens of a shared prefix appear in
-    every trajectory through them, with no down-weighting (PAPER.md section 6).
+    every trajectory through them, with no down-weighting (sqrt_leaves: false; METHOD.md section 7).
 """
 from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":  # the command line first: usage, or a mistake in it, before torch loads (20-40 s)
+    import config
+    try:
+        config.from_command_line(sys.argv[1:])
+    except config.UserError as e:
+        config.exit_with(e)
 
 import contextlib
 import functools
@@ -42,7 +51,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 
 import torch
@@ -51,9 +59,10 @@ import torch.distributed as dist
 import checkpoint
 import engine
 import ibtpo
+import plots
 import reward
 import tree
-from config import Config, UserError, explained, load_config, save_config
+from config import Config, UserError, exit_with, explained, from_command_line, save_config
 from data import batch_indices, describe, load_eval_sets, load_questions
 
 
@@ -150,35 +159,6 @@ def make_engine(model, tok, sampling: tree.Sampling, cfg: Config):
     return engine.Lockstep(functools.partial(tree.generate_expander, model, tok, sampling))
 
 
-def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Pack sequences, longest first, so that rows x longest row <= budget."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * lengths[cur[0]] > budget:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    return out + [cur] if cur else out
-
-
-def collate(trajs: list[ibtpo.Trajectory], pad: int, device):
-    """Right-padded (B, T) ids and mask, and (B, T-1) tensors aligned to the
-    next-token log-probs: response mask, advantages, rollout log-probs."""
-    T = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
-    ids = torch.full((len(trajs), T), pad, dtype=torch.long)
-    attn = torch.zeros((len(trajs), T), dtype=torch.long)
-    resp = torch.zeros((len(trajs), T - 1))
-    adv = torch.zeros((len(trajs), T - 1))
-    for i, t in enumerate(trajs):
-        P, R = len(t.prompt_ids), len(t.response_ids)
-        ids[i, :P + R] = torch.tensor(t.prompt_ids + t.response_ids)
-        attn[i, :P + R] = 1
-        resp[i, P - 1:P + R - 1] = 1  # logp[:, t] scores ids[:, t + 1]
-        adv[i, P - 1:P + R - 1] = torch.tensor(ibtpo.token_advantages(t))
-    return ids.to(device), attn.to(device), resp.to(device), adv.to(device)
-
-
 def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int, device) -> tuple[dict, list]:
     """updates_per_batch optimizer steps over this rank's trajectories, one per
     mini-batch (trajs[i::updates_per_batch]), each micro-batched by token budget.
@@ -190,7 +170,7 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
     plans = []  # per mini-batch: (normalizer, collated micro-batches, dummy flags)
     for i in range(cfg.updates_per_batch):
         group = trajs[i::cfg.updates_per_batch]
-        mbs = micro_batches([len(t.prompt_ids) + len(t.response_ids) for t in group], cfg.micro_batch_tokens)
+        mbs = ibtpo.micro_batches([len(t.prompt_ids) + len(t.response_ids) for t in group], cfg.micro_batch_tokens)
         n_tokens, n_seq = sum(len(t.response_ids) for t in group), len(group)
         norm = {"token-mean": n_tokens, "seq-mean-token-mean": n_seq,
                 "constant": n_seq * cfg.max_response_tokens}[cfg.loss_agg]
@@ -200,7 +180,7 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
         norm = all_sum([norm], device)[0]
         n_mb = all_max(len(mbs), device)
         dummy = [j >= len(mbs) for j in range(n_mb)]
-        batches = [collate([group[0]] if d else [group[k] for k in mbs[j]], tok.pad_token_id, device)
+        batches = [ibtpo.collate([group[0]] if d else [group[k] for k in mbs[j]], tok.pad_token_id, device)
                    for j, d in enumerate(dummy)]
         plans.append((max(norm, 1.0), batches, dummy))
     olds = None
@@ -251,7 +231,7 @@ def update(model, ref, optimizer, scheduler, trajs, cfg: Config, tok, world: int
 
 
 def batch_metrics(trees, verdicts: dict, tcfg: tree.TreeConfig, world: int, device) -> dict:
-    """The rollout's statistics over all ranks (PAPER.md section 7): per-rank means
+    """The rollout's statistics over all ranks (METHOD.md section 8): per-rank means
     over equal question counts averaged, counts summed."""
     s = tree.tree_stats(trees, tcfg)
     keys = ["avg_rate", "eff_rate", "ib_score", "ib_exploration", "ib_exploitation", "cov_eta"]
@@ -302,9 +282,7 @@ MAX_SKIPPED_IN_A_ROW = 3  # optimizer updates with a non-finite loss or gradient
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    path = argv[0] if argv and "=" not in argv[0] else None
-    cfg = load_config(path, [a for a in argv if a is not path])
+    cfg = from_command_line(sys.argv[1:] if argv is None else argv)
     rank, world, device = setup_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
     if cfg.questions_per_step % world:
@@ -321,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint.check_writable(cfg.run_dir, rank)
     from tqdm import tqdm
     from transformers import AutoTokenizer
+    if cfg.threads:  # a tiny model gains little from a second thread and can be 4-11x slower on a busy machine
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + 1000 * rank)  # the rollouts' sampling RNG, one stream per rank
     random.seed(cfg.seed + 1000 * rank)         # the branching strategies' RNG
     tok = explained("model", cfg.model, AutoTokenizer.from_pretrained)
@@ -422,14 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
             stopping = all_max(stop.signum, device)
             if saved or stopping:
                 path = checkpoint.save_checkpoint(model, optimizer, tok, cfg, step + 1, rank)
-            if step + 1 == total and rank == 0 and cfg.dump_trees:
-                with open(os.path.join(cfg.run_dir, "trees.txt"), "w") as f:
-                    f.write("\n\n".join(tree.dump(t, tok, tcfg) for t in trees[:cfg.dump_trees]) + "\n")
+            if step + 1 == total and rank == 0:  # this rank's trees of the last step, to read and to look at
+                plots.write_trees(cfg.run_dir, [plots.to_record(t, tok, tcfg) for t in trees], cfg.dump_trees)
             if stopping and step + 1 < total:
                 bar.close()
                 raise checkpoint.Stopped(stopping, step + 1, path)
     if rank == 0:
-        checkpoint.plot_metrics(cfg.run_dir)
+        plots.plot_metrics(cfg.run_dir)
         if eval_sets and last:
             first = checkpoint.read_metrics(metrics_path)[0]
             for k in sorted(k for k in last if k.startswith("eval/")):
@@ -441,9 +420,7 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(e)
     except checkpoint.Stopped as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(e, file=sys.stderr)

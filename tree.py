@@ -1,6 +1,6 @@
 """IBTree: the step tree, its batched expander, and the branching strategies.
 
-PAPER.md sections 1, 2 and 4. A question q is the root of a tree; every node
+METHOD.md sections 1, 2 and 4. A question q is the root of a tree; every node
 below it is one reasoning step, the exact token ids the policy sampled (never
 re-tokenized text). A step ends at the first token boundary at or after the end
 of each "\\n\\n" in the decoded response (split_steps), or after
@@ -40,24 +40,25 @@ import ib_score
 
 @dataclass(eq=False)  # identity semantics: nodes are hashable and never compared by value
 class Node:
-    """One reasoning step (PAPER.md section 1). The root holds no step (ids == [])."""
+    """One reasoning step (METHOD.md section 1). The root holds no step (ids == [])."""
     ids: list[int]                      # token ids of this step, exactly as sampled
     logps: list[float]                  # their log-probs under the rollout policy (at the sampling temperature)
     parent: Node | None = None
     children: list[Node] = field(default_factory=list)
     terminal: bool = False              # the response ended inside this step (EOS or length cap)
     reward: float | None = None         # outcome reward R on terminal nodes
-    V: float = 0.0                      # mean leaf reward in the subtree (PAPER.md section 2)
+    V: float = 0.0                      # mean leaf reward in the subtree (METHOD.md section 2)
     depth: int = 0                      # 0 for the root
     n_tokens: int = 0                   # response tokens from the root through this step
+    round: int = 0                      # the IBTree round whose continuation sampled this step
     # filled by ibtpo.compute_advantages (Eq. GL, Eq. LOCAL, Eq. ADV)
     A_GL: float = 0.0
     A_IB: float = 0.0
     A: float = 0.0
 
-    def add_child(self, ids: list[int], logps: list[float], terminal: bool = False) -> Node:
+    def add_child(self, ids: list[int], logps: list[float], terminal: bool = False, round: int = 0) -> Node:
         child = Node(ids=list(ids), logps=list(logps), parent=self, terminal=terminal,
-                     depth=self.depth + 1, n_tokens=self.n_tokens + len(ids))
+                     depth=self.depth + 1, n_tokens=self.n_tokens + len(ids), round=round)
         self.children.append(child)
         return child
 
@@ -74,7 +75,7 @@ class Node:
 
 
 def step_prob(node: Node, mode: str = "mean") -> float:
-    """pi(step | prefix): DECISION step_prob of PAPER.md section 3.
+    """pi(step | prefix): DECISION step_prob (METHOD.md section 7).
 
     "mean": exp(mean token log-prob), the per-token geometric mean (default);
     "joint": exp(sum of token log-probs), the exact product.
@@ -109,7 +110,7 @@ class Tree:
         return [n for n in self.nodes() if n.terminal]
 
     def update_values(self) -> None:
-        """V(n) = mean reward of the leaves below n (PAPER.md section 2), bottom-up.
+        """V(n) = mean reward of the leaves below n (METHOD.md section 2), bottom-up.
         A loop over the nodes deepest first, not a recursion: a response can have
         thousands of steps (a base model emitting blank lines)."""
         totals: dict[Node, tuple[float, int]] = {}  # node -> (sum of leaf rewards below, leaves below)
@@ -131,7 +132,7 @@ class Tree:
 
 
 # ----------------------------------------------------------------------------
-# Step splitting (PAPER.md section 1)
+# Step splitting (METHOD.md section 1)
 
 _PIECES: dict[int, dict[int, str]] = {}  # id(tokenizer) -> token id -> decoded text
 
@@ -282,7 +283,7 @@ class TreeConfig:
     B: int = 1                   # continuations sampled from each chosen node
     strategy: str = "ib"         # a key of STRATEGIES
     beta: float = 5.0
-    step_prob: str = "mean"      # DECISION step_prob (PAPER.md section 3)
+    step_prob: str = "mean"      # DECISION step_prob (METHOD.md section 7)
     max_step_tokens: int = 512   # cap on a step's length (0: none); the paper splits at "\n\n" only
 
     @property
@@ -290,7 +291,7 @@ class TreeConfig:
         return self.B0 + (self.L - 1) * self.K * self.B
 
 
-def _mc_args(n: Node, cfg: TreeConfig):
+def mc_args(n: Node, cfg: TreeConfig):
     return [c.V for c in n.children], n.V, [step_prob(c, cfg.step_prob) for c in n.children], cfg.beta
 
 
@@ -303,8 +304,8 @@ def _top_k(candidates: list[Node], scores: list[float], k: int, rng: random.Rand
 
 
 def pick_ib(candidates, k, rng, cfg):
-    """IB-guided (PAPER.md section 4): the top-k nodes by Eq. MC."""
-    return _top_k(candidates, [ib_score.monte_carlo(*_mc_args(n, cfg)) for n in candidates], k, rng)
+    """IB-guided (METHOD.md section 4): the top-k nodes by Eq. MC."""
+    return _top_k(candidates, [ib_score.monte_carlo(*mc_args(n, cfg)) for n in candidates], k, rng)
 
 
 def pick_entropy(candidates, k, rng, cfg):
@@ -336,11 +337,12 @@ def branchable(tree: Tree, max_response_tokens: int) -> list[Node]:
 # ----------------------------------------------------------------------------
 # Growing the trees of a batch
 
-def attach(tree: Tree, node: Node, new_ids: list[int], logps: list[float], tokenizer, cfg: TreeConfig) -> Node:
+def attach(tree: Tree, node: Node, new_ids: list[int], logps: list[float], tokenizer, cfg: TreeConfig,
+           round: int = 0) -> Node:
     """Hang a sampled continuation under `node` as a chain of steps; return its leaf."""
     i = 0
     for step in split_steps(new_ids, tokenizer, cfg.max_step_tokens):
-        node = node.add_child(step, logps[i:i + len(step)])
+        node = node.add_child(step, logps[i:i + len(step)], round=round)
         i += len(step)
     node.terminal = True
     return node
@@ -397,7 +399,7 @@ def grow(prompts: list[list[int]], answers: list[str], engine, reward_fn, tokeni
                 i, node, _ = key
                 if not math.isfinite(sum(logps)):  # would reach the IB-Score (eta2) and A_IB as NaN
                     raise FloatingPointError("the policy produced NaN log-probs in the rollout")
-                leaf = attach(trees[i], node, ids, logps, tokenizer, cfg)
+                leaf = attach(trees[i], node, ids, logps, tokenizer, cfg, round=rounds[i] - 1)
                 made_by[leaf] = key
                 fresh[i].append(leaf)
                 waiting[i] -= 1
@@ -421,7 +423,7 @@ def grow(prompts: list[list[int]], answers: list[str], engine, reward_fn, tokeni
 
 
 # ----------------------------------------------------------------------------
-# Bookkeeping (PAPER.md section 7) and a readable dump
+# Bookkeeping (METHOD.md section 8), and a tree as JSON (run_dir/trees.jsonl; plots.py draws it)
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
@@ -439,7 +441,7 @@ def tree_stats(trees: list[Tree], cfg: TreeConfig) -> dict:
         points = [n for n in t.nodes() if len(n.children) >= 2]
         if not points:
             continue
-        args = [_mc_args(n, cfg) for n in points]
+        args = [mc_args(n, cfg) for n in points]
         ib.append(_mean([ib_score.monte_carlo(*a) for a in args]))
         terms = [ib_score.mc_terms(*a) for a in args]
         explore.append(_mean([x for x, _ in terms]))
@@ -454,19 +456,3 @@ def tree_stats(trees: list[Tree], cfg: TreeConfig) -> dict:
         "ib_score": _mean(ib), "ib_exploration": _mean(explore),
         "ib_exploitation": _mean(exploit), "cov_eta": _mean(cov),
     }
-
-
-def dump(tree: Tree, tokenizer, cfg: TreeConfig, width: int = 48) -> str:
-    """One line per step: depth, V, IB-Score (Eq. MC, at nodes with children),
-    reward on leaves, and a snippet of the step's text."""
-    lines = [f"question: {tokenizer.decode(tree.prompt_ids, skip_special_tokens=True)[-width:]!r}"
-             f"  gold: {tree.answer!r}"]
-    stack = [tree.root]
-    while stack:
-        n = stack.pop()
-        stack.extend(reversed(n.children))
-        text = tokenizer.decode(n.ids, skip_special_tokens=True) if n.ids else "<root>"
-        ib = f" J={ib_score.monte_carlo(*_mc_args(n, cfg)):+.3f}" if n.children else ""
-        r = f" R={n.reward:g}" if n.terminal else ""
-        lines.append(f"{'  ' * n.depth}[{n.depth}] V={n.V:.2f}{ib}{r} {text[:width]!r}")
-    return "\n".join(lines)

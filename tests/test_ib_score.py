@@ -1,4 +1,4 @@
-"""ib_score: Eq. IB and Eq. MC of PAPER.md section 3, by hand, by identity and by sampling."""
+"""ib_score: Eq. IB and Eq. MC of METHOD.md section 3, by hand, by identity and by sampling."""
 import itertools
 import math
 import random

@@ -246,10 +246,12 @@ def test_a_killed_worker_loses_no_answer(monkeypatch):
     score_batch([B.format("1")], ["1"])
     real, kills = reward._send, []
 
-    def send_then_kill(w, message):
-        real(w, message)
+    def send_then_kill(w, message):  # stopped first, so that it dies holding its whole chunk
         if not kills:
             kills.append(w["proc"].pid)
+            os.kill(w["proc"].pid, signal.SIGSTOP)
+        real(w, message)
+        if kills == [w["proc"].pid]:
             os.kill(w["proc"].pid, signal.SIGKILL)
     monkeypatch.setattr(reward, "_send", send_then_kill)
     golds = [str(k) for k in range(20)]
@@ -264,7 +266,8 @@ def test_an_answer_that_kills_two_workers_is_an_error_not_a_hang(monkeypatch):
     score_batch([B.format("1")], ["1"])
     real = reward._send
 
-    def send_then_kill(w, message):  # every worker dies on its first message
+    def send_then_kill(w, message):  # every worker dies on its first message, before it can answer
+        os.kill(w["proc"].pid, signal.SIGSTOP)
         real(w, message)
         os.kill(w["proc"].pid, signal.SIGKILL)
     monkeypatch.setattr(reward, "_send", send_then_kill)

@@ -5,10 +5,13 @@ import random
 import re
 import time
 
+import pytest
+
 import toy
 
 STEP = re.compile(r"(\d+)([+-])(\d+)=(-?\d+)")
-SMALL = dict(n_train=300, n_eval=30)
+SMALL = dict(n_train=300, n_eval=30, n_dev=30)
+QUICK = dict(clean_steps=2, slip_steps=1, batch=4, target=0.5, band=0.5, check_every=1, check_samples=1)  # stops at once
 
 
 def parse(text):
@@ -25,13 +28,13 @@ def parse(text):
 
 
 def test_problems_are_deterministic_distinct_and_split_disjointly():
-    train, held = toy.make_splits(0, **toy.TASK)
-    assert (train, held) == toy.make_splits(0, **toy.TASK)
+    train, held, dev = toy.make_splits(0, **toy.TASK)
+    assert (train, held, dev) == toy.make_splits(0, **toy.TASK)
     assert toy.make_splits(1, **toy.TASK)[1] != held
-    assert len(train) == toy.TASK["n_train"] and len(held) == toy.TASK["n_eval"]
-    qs = [toy.question(t) for t in train + held]
-    assert len(set(qs)) == len(qs)  # distinct, so train and eval are disjoint
-    for t in train + held:
+    assert (len(train), len(held), len(dev)) == (toy.TASK["n_train"], toy.TASK["n_eval"], toy.TASK["n_dev"])
+    qs = [toy.question(t) for t in train + held + dev]
+    assert len(set(qs)) == len(qs)  # distinct, so train, eval and dev are disjoint
+    for t in train + held + dev:
         assert toy.TASK["min_ops"] <= len(t) - 1 <= toy.TASK["max_ops"]
         assert all(0 <= sum(t[:i + 1]) <= toy.TASK["max_value"] for i in range(len(t)))
         assert all(1 <= abs(d) <= toy.TASK["max_operand"] for d in t)
@@ -83,9 +86,10 @@ def test_prepare_writes_loadable_files_and_is_cached(tmp_path):
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = str(tmp_path / "toy")
-    warm = dict(steps=2, batch=4)
+    warm = QUICK
     res = toy.prepare(out, seed=3, task=SMALL, warm=warm, measure=False, log=None)
     assert not res["cached"] and res["settings"]["seed"] == 3
+    assert res["results"]["warm_start_steps"] == 3 and 0 <= res["results"]["dev_accuracy"] <= 1
     model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"))
     tok = AutoTokenizer.from_pretrained(os.path.join(out, "model"))
     assert model.config.hidden_size == toy.WARM["hidden"] and model.config.vocab_size == len(tok) + 16
@@ -108,9 +112,27 @@ def test_prepare_writes_loadable_files_and_is_cached(tmp_path):
 
 def test_a_short_warm_start_learns_the_format():
     tok = toy.build_tokenizer()
-    train, held = toy.make_splits(0, **SMALL)
-    model = toy.warm_start(tok, train, seed=0, **{**toy.WARM, "steps": 150, "batch": 32}, log=None)
+    train, held, dev = toy.make_splits(0, **SMALL)
+    model, step, _ = toy.warm_start(tok, train, toy.rows(dev), seed=0,
+                                    **{**toy.WARM, **QUICK, "clean_steps": 150, "batch": 32}, log=None)
+    assert step == 151
     acc, texts = toy.evaluate(model, tok, toy.rows(held), temperature=0.7)
     assert 0.0 <= acc <= 1.0
     well_formed = [t for t in texts if re.fullmatch(r"(\d+[+-]\d+=-?\d+\n\n)+\\boxed\{-?\d+\}", t)]
     assert len(well_formed) >= 0.8 * len(texts), texts[:5]
+
+
+def test_the_warm_start_stops_at_the_first_check_inside_the_band(monkeypatch):
+    """The rule itself, with the dev accuracy scripted: checks every check_every
+    slip steps, stops at the first within target +- band, fails when none is."""
+    script = iter([0.95, 0.62, 0.41, 0.36, 0.33])
+    monkeypatch.setattr(toy, "evaluate", lambda *a, **k: (next(script), []))
+    tok = toy.build_tokenizer()
+    train, _, dev = toy.make_splits(0, **SMALL)
+    fast = dict(toy.WARM, hidden=16, layers=1, batch=2, clean_steps=3, slip_steps=2, check_every=2, check_samples=1)
+    _, step, acc = toy.warm_start(tok, train, toy.rows(dev), 0, **fast, log=None)
+    # checks every 2 steps once 2 slipped steps are done: steps 5, 7, 9, 11; the 4th (0.36) is the first inside
+    assert (step, acc) == (3 + 2 + 3 * 2, 0.36)
+    monkeypatch.setattr(toy, "evaluate", lambda *a, **k: (0.9, []))
+    with pytest.raises(RuntimeError, match="did not reach dev accuracy 0.35"):
+        toy.warm_start(tok, train, toy.rows(dev), 0, **{**fast, "max_steps": 9}, log=None)

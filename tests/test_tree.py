@@ -315,7 +315,7 @@ def test_ib_strategy_picks_the_hand_computed_node():
     cfg = TreeConfig(beta=5.0)
     cands = tree.branchable(t, 100)
     assert cands == [t.root, x, y]
-    scores = [ib_score.monte_carlo(*tree._mc_args(n, cfg)) for n in cands]
+    scores = [ib_score.monte_carlo(*tree.mc_args(n, cfg)) for n in cands]
     assert scores == pytest.approx([-0.125, 2.5, 1 - math.exp(-2)])
     assert tree.pick_ib(cands, 1, random.Random(0), cfg) == [x]
     assert tree.pick_ib(cands, 2, random.Random(0), cfg) == [x, y]
@@ -358,5 +358,48 @@ def test_stats_and_dump_on_hand_built_trees(tiny_tokenizer):
     assert s["ib_score"] == pytest.approx(ib_score.monte_carlo(*args))
     assert (s["ib_exploration"], s["ib_exploitation"]) == pytest.approx(ib_score.mc_terms(*args))
     assert s["cov_eta"] == pytest.approx(ib_score.cov_eta(*args))
-    text = tree.dump(t1, tok, cfg)
+    import plots
+    text = plots.dump(plots.to_record(t1, tok, cfg))
     assert text.count("\n") == 3 and "R=1" in text and "'ab'" in text and "J=" in text
+
+
+def test_trees_round_trip_through_their_json_records(tiny_model, tiny_tokenizer, tmp_path):
+    """A grown tree, advantages set, written as a trees.jsonl line and read back:
+    every node keeps its place, ids, log-probs, round, V, A_GL, A_IB, A and R, and the
+    record of the tree read back is the record written."""
+    import json
+    import plots
+    cfg = TreeConfig(B0=2, L=4, K=1, B=1, strategy="ib", max_step_tokens=6)
+    trees, _ = grow_tiny(tiny_model, tiny_tokenizer, cfg, n_questions=2)
+    for t in trees:
+        ibtpo.compute_advantages(t, beta=5.0, lam=0.1)
+    records = [plots.to_record(t, tiny_tokenizer, cfg) for t in trees]
+    plots.write_trees(str(tmp_path), records, n_text=2)
+    lines = (tmp_path / "trees.jsonl").read_text().splitlines()
+    back = [plots.from_record(json.loads(line)) for line in lines]
+    for t, u in zip(trees, back):
+        assert [(n.ids, n.logps, n.depth, n.round, n.terminal, n.reward, n.V, n.A_GL, n.A_IB, n.A, n.n_tokens)
+                for n in t.nodes()] == [(n.ids, n.logps, n.depth, n.round, n.terminal, n.reward, n.V, n.A_GL,
+                                         n.A_IB, n.A, n.n_tokens) for n in u.nodes()]
+        assert [t.nodes().index(n.parent) if n.parent else None for n in t.nodes()] == \
+            [u.nodes().index(n.parent) if n.parent else None for n in u.nodes()]
+    assert [plots.to_record(u, tiny_tokenizer, cfg) for u in back] == [json.loads(line) for line in lines]
+    rounds = sorted({n["round"] for n in records[0]["nodes"][1:]})
+    assert rounds[0] == 0 and rounds[-1] <= cfg.L - 1 and len(rounds) > 1  # branches carry their round
+    assert (tmp_path / "trees.png").stat().st_size > 10_000
+    assert (tmp_path / "trees.txt").read_text().count("question:") == 2
+
+
+def test_the_picture_shows_the_tree_with_a_decision():
+    """most_telling puts mixed rewards first, then more branch points."""
+    import plots
+
+    def record(rewards, branch_points):
+        nodes = [{"id": 0, "parent": None, "terminal": False, "R": None}]
+        for k, r in enumerate(rewards):  # leaves under the root; `branch_points` of them under node 1 instead
+            nodes.append({"id": k + 1, "parent": 1 if 1 < k + 1 <= 1 + branch_points else 0,
+                          "terminal": True, "R": r})
+        nodes[1]["terminal"] = False
+        return {"nodes": nodes}
+    records = [record([1, 1, 1, 1], 2), record([1, 0, 1, 1], 0), record([0, 1, 0, 1], 2), record([1, 1], 0)]
+    assert plots.most_telling(records) == [2, 1, 0, 3]
