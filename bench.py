@@ -11,6 +11,7 @@ time on a 2-core CPU; nothing here is a timed test).
     python bench.py strategies                          # the branching table at toy scale, fixed policy
     python bench.py toy [--seeds 0 1 ...] [--jobs 2]    # GRPO / IBTree / IB-TPO, seeds, intervals, picture
     python bench.py ablation                            # the six-method ablation, same machinery
+    python bench.py memory configs/qwen3_8b_ibtpo.yaml  # memory per GPU of a recipe (computed from shapes)
 
 The figures, with their commands, machine and dates, are in BENCHMARKS.md.
 """
@@ -731,6 +732,89 @@ def bench_strategies(args):
 # ----------------------------------------------------------------------------
 # Threads: a tiny model on 1 or all threads, on a quiet and on a busy machine
 
+# ----------------------------------------------------------------------------
+# Memory per GPU of a recipe, computed from the model's shape (not measured)
+
+# The recipes' models, from their config.json on the hub (read once; this machine has no hub access).
+SHAPES = {
+    "Qwen/Qwen3-1.7B-Base": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "Qwen/Qwen3-8B-Base": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+}
+GIB = 2 ** 30
+BUDGET_GIB = 76  # of an 80 GB GPU (79-80 GiB usable), leaving the CUDA context, NCCL and fragmentation ~4 GiB
+
+
+def model_shape(model: str):
+    """(parameters, transformers config) of a hub id in SHAPES or a local model folder;
+    the parameters are counted on the meta device (nothing is allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
+    conf = Qwen3Config(**SHAPES[model]) if model in SHAPES else AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(conf).parameters())
+    return n, conf
+
+
+def memory_estimate(cfg, n_params: int, conf, gpus: int) -> tuple[dict, dict]:
+    """Bytes per GPU of each term, and the peak of each phase, at the worst case: every
+    prompt max_prompt_tokens long and every response at max_response_tokens (a decode
+    pool is as wide as its longest row). FSDP2 shards float32 master weights, AdamW
+    moments and gradients over the GPUs; rollouts and evaluation hold the gathered
+    compute-dtype weights (train.gathered); gradients are freed between updates."""
+    import torch
+    b = getattr(torch, cfg.dtype).itemsize
+    head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
+    kv = 2 * conf.num_hidden_layers * conf.num_key_value_heads * head_dim * b  # K and V bytes per token
+    q = -(-cfg.questions_per_step // gpus)  # questions per GPU
+    ctx, R = cfg.max_prompt_tokens + cfg.max_response_tokens, cfg.max_response_tokens
+    decoder = cfg.rollout_engine == "decoder"
+    rows = (lambda n: min(cfg.max_rows, n)) if decoder else (lambda n: n)
+    later = q * cfg.K * cfg.B if cfg.L > 1 else 0
+    kept = decoder and cfg.reuse_prefix_kv and cfg.L > 1
+    T = cfg.micro_batch_tokens
+    layer_acts = T * (8 * conf.hidden_size + 3 * conf.intermediate_size) * b  # about one layer's saved activations
+    t = {
+        "master weights + AdamW moments (fp32, sharded)": 12 * n_params / gpus,
+        "gradients (fp32, sharded; during updates)": 4 * n_params / gpus,
+        "reference model (sharded; kl_coef > 0)": b * n_params / gpus if cfg.kl_coef > 0 else 0,
+        "gathered weights (rollout, evaluation)": b * n_params,
+        f"KV cache of round 0 ({rows(q * cfg.B0)} rows x {ctx:,} tokens)": rows(q * cfg.B0) * ctx * kv,
+        "KV caches kept for branches (reuse_prefix_kv)":
+            q * (cfg.B0 * ctx + max(cfg.L - 2, 0) * cfg.K * cfg.B * R) * kv if kept else 0,
+        f"KV cache of evaluation ({cfg.max_rows if decoder else max(q * cfg.B0, cfg.eval_k)} rows)":
+            (cfg.max_rows if decoder else max(q * cfg.B0, cfg.eval_k)) * ctx * kv if cfg.eval_sets else 0,
+        f"logits + their gradient ({T:,}-token micro-batch)": 2 * b * T * conf.vocab_size,
+        "layer activations (checkpointed inputs + one layer)" if cfg.grad_checkpointing else "layer activations":
+            (T * conf.hidden_size * b * conf.num_hidden_layers + layer_acts) if cfg.grad_checkpointing
+            else layer_acts * conf.num_hidden_layers,
+    }
+    v = list(t.values())
+    state = v[0] + v[2]
+    peaks = {
+        # the pool stays as wide as round 0's while later rounds join it and kept caches grow
+        "rollout": state + v[3] + max(v[4], rows(later) * ctx * kv) + v[5],
+        "evaluation": state + v[3] + v[6],
+        "update": state + v[1] + v[7] + v[8],
+    }
+    return t, peaks
+
+
+def bench_memory(args):
+    from config import load_config
+    for path in args.configs:
+        cfg = load_config(path, args.overrides)
+        n, conf = model_shape(cfg.model)
+        terms, peaks = memory_estimate(cfg, n, conf, args.gpus)
+        print(f"{path}: {cfg.model}, {n / 1e9:.2f}B parameters, {args.gpus} GPUs, "
+              f"{-(-cfg.questions_per_step // args.gpus)} questions per GPU (computed, not measured)")
+        for k, x in terms.items():
+            print(f"  {k:<62} {x / GIB:6.1f} GiB")
+        for k, x in peaks.items():
+            print(f"  peak, {k:<56} {x / GIB:6.1f} GiB{'' if x <= BUDGET_GIB * GIB else f'  OVER {BUDGET_GIB} GiB'}")
+
+
 def bench_threads(args):
     """Seconds per toy training step (configs/toy.yaml, args.steps steps, no
     evaluation) and per warm-start step, with 1 thread and with one per core,
@@ -834,6 +918,11 @@ def main():
     p.add_argument("--max-rows", type=int, default=512)
     p.add_argument("--toy-dir", default="runs/toy_data")
     p.set_defaults(func=bench_strategies)
+    p = sub.add_parser("memory", help="(~5 s) memory per GPU of a recipe at its worst case, computed from the model's shape")
+    p.add_argument("configs", nargs="+", help="recipes, e.g. configs/qwen3_8b_ibtpo.yaml")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--overrides", nargs="*", default=[], help="key=value, as on train.py's command line")
+    p.set_defaults(func=bench_memory)
     p = sub.add_parser("threads", help="(~4 min) toy step and warm-start step times, 1 thread vs all, quiet vs busy")
     p.add_argument("--busy", type=int, default=2, help="spinning processes for the busy half")
     p.add_argument("--steps", type=int, default=3)

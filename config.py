@@ -66,7 +66,8 @@ class Config:
     top_k: int = 20                      # 0 disables
     max_response_tokens: int = 2048
     rollout_engine: str = "decoder"      # decoder: continuous batching (engine.py) | lockstep: one generate per round
-    max_rows: int = 256                  # decoder: sequences decoded together per rank
+    max_rows: int = 256                  # decoder: sequences decoded together per rank; their KV cache is most of
+                                         # a GPU's memory (evaluation fills the pool): `python bench.py memory CFG`
     reuse_prefix_kv: bool = True         # decoder: a branch copies its prefix's KV cache from the request that
                                          # generated it instead of prefilling it (memory: growing trees' caches)
     # --- advantages and loss (sections 5, 6)

@@ -423,7 +423,7 @@ def grow(prompts: list[list[int]], answers: list[str], engine, reward_fn, tokeni
 
 
 # ----------------------------------------------------------------------------
-# Bookkeeping (METHOD.md section 8), and a tree as JSON (run_dir/trees.jsonl; plots.py draws it)
+# Bookkeeping: the batch metrics of METHOD.md section 8 (a tree as JSON and its picture: plots.py)
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0

@@ -87,7 +87,8 @@ def test_bench_help_lists_every_benchmark_with_its_time():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0
-    for name in ("reward", "sampler", "sample", "rollout", "train", "overhead", "threads", "toy", "strategies"):
+    for name in ("reward", "sampler", "sample", "rollout", "train", "overhead", "threads", "toy", "strategies",
+                 "ablation", "memory"):
         line = next(line for line in p.stdout.splitlines() if line.strip().startswith(name + " "))
         assert re.search(r"\d+ (s|min|h)\b", line), line  # how long it takes here
 
