@@ -730,9 +730,6 @@ def bench_strategies(args):
 
 
 # ----------------------------------------------------------------------------
-# Threads: a tiny model on 1 or all threads, on a quiet and on a busy machine
-
-# ----------------------------------------------------------------------------
 # Memory per GPU of a recipe, computed from the model's shape (not measured)
 
 # The recipes' models, from their config.json on the hub (read once; this machine has no hub access).
@@ -768,35 +765,41 @@ def memory_estimate(cfg, n_params: int, conf, gpus: int) -> tuple[dict, dict]:
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
     kv = 2 * conf.num_hidden_layers * conf.num_key_value_heads * head_dim * b  # K and V bytes per token
     q = -(-cfg.questions_per_step // gpus)  # questions per GPU
-    ctx, R = cfg.max_prompt_tokens + cfg.max_response_tokens, cfg.max_response_tokens
+    ctx, R, T = cfg.max_prompt_tokens + cfg.max_response_tokens, cfg.max_response_tokens, cfg.micro_batch_tokens
     decoder = cfg.rollout_engine == "decoder"
-    rows = (lambda n: min(cfg.max_rows, n)) if decoder else (lambda n: n)
-    later = q * cfg.K * cfg.B if cfg.L > 1 else 0
-    kept = decoder and cfg.reuse_prefix_kv and cfg.L > 1
-    T = cfg.micro_batch_tokens
-    layer_acts = T * (8 * conf.hidden_size + 3 * conf.intermediate_size) * b  # about one layer's saved activations
+    rows = (lambda n: min(cfg.max_rows, n)) if decoder else (lambda n: n)  # the decoder's pool is capped
+    rows0 = rows(q * cfg.B0)
+    later = rows(q * cfg.K * cfg.B) if cfg.L > 1 else 0  # rows of a later round
+    eval_rows = cfg.max_rows if decoder else max(q * cfg.B0, cfg.eval_k)
+
+    state = 12 * n_params / gpus                                     # master weights + AdamW moments
+    grads = 4 * n_params / gpus
+    ref = b * n_params / gpus if cfg.kl_coef > 0 else 0
+    gathered = b * n_params
+    pool0 = rows0 * ctx * kv
+    kept = q * (cfg.B0 * ctx + max(cfg.L - 2, 0) * cfg.K * cfg.B * R) * kv \
+        if decoder and cfg.reuse_prefix_kv and cfg.L > 1 else 0
+    pool_eval = eval_rows * ctx * kv if cfg.eval_sets else 0
+    logits = 2 * b * T * conf.vocab_size                             # bf16 logits and their gradient
+    layer = T * (8 * conf.hidden_size + 3 * conf.intermediate_size) * b  # about one layer's saved activations
+    acts = T * conf.hidden_size * b * conf.num_hidden_layers + layer if cfg.grad_checkpointing \
+        else layer * conf.num_hidden_layers
     t = {
-        "master weights + AdamW moments (fp32, sharded)": 12 * n_params / gpus,
-        "gradients (fp32, sharded; during updates)": 4 * n_params / gpus,
-        "reference model (sharded; kl_coef > 0)": b * n_params / gpus if cfg.kl_coef > 0 else 0,
-        "gathered weights (rollout, evaluation)": b * n_params,
-        f"KV cache of round 0 ({rows(q * cfg.B0)} rows x {ctx:,} tokens)": rows(q * cfg.B0) * ctx * kv,
-        "KV caches kept for branches (reuse_prefix_kv)":
-            q * (cfg.B0 * ctx + max(cfg.L - 2, 0) * cfg.K * cfg.B * R) * kv if kept else 0,
-        f"KV cache of evaluation ({cfg.max_rows if decoder else max(q * cfg.B0, cfg.eval_k)} rows)":
-            (cfg.max_rows if decoder else max(q * cfg.B0, cfg.eval_k)) * ctx * kv if cfg.eval_sets else 0,
-        f"logits + their gradient ({T:,}-token micro-batch)": 2 * b * T * conf.vocab_size,
-        "layer activations (checkpointed inputs + one layer)" if cfg.grad_checkpointing else "layer activations":
-            (T * conf.hidden_size * b * conf.num_hidden_layers + layer_acts) if cfg.grad_checkpointing
-            else layer_acts * conf.num_hidden_layers,
+        "master weights + AdamW moments (fp32, sharded)": state,
+        "gradients (fp32, sharded; during updates)": grads,
+        "reference model (sharded; kl_coef > 0)": ref,
+        "gathered weights (rollout, evaluation)": gathered,
+        f"KV cache of round 0 ({rows0} rows x {ctx:,} tokens)": pool0,
+        "KV caches kept for branches (reuse_prefix_kv)": kept,
+        f"KV cache of evaluation ({eval_rows} rows)": pool_eval,
+        f"logits + their gradient ({T:,}-token micro-batch)": logits,
+        "layer activations (checkpointed inputs + one layer)" if cfg.grad_checkpointing else "layer activations": acts,
     }
-    v = list(t.values())
-    state = v[0] + v[2]
     peaks = {
         # the pool stays as wide as round 0's while later rounds join it and kept caches grow
-        "rollout": state + v[3] + max(v[4], rows(later) * ctx * kv) + v[5],
-        "evaluation": state + v[3] + v[6],
-        "update": state + v[1] + v[7] + v[8],
+        "rollout": state + ref + gathered + max(pool0, later * ctx * kv) + kept,
+        "evaluation": state + ref + gathered + pool_eval,
+        "update": state + ref + grads + logits + acts,
     }
     return t, peaks
 
@@ -814,6 +817,9 @@ def bench_memory(args):
         for k, x in peaks.items():
             print(f"  peak, {k:<56} {x / GIB:6.1f} GiB{'' if x <= BUDGET_GIB * GIB else f'  OVER {BUDGET_GIB} GiB'}")
 
+
+# ----------------------------------------------------------------------------
+# Threads: a tiny model on 1 or all threads, on a quiet and on a busy machine
 
 def bench_threads(args):
     """Seconds per toy training step (configs/toy.yaml, args.steps steps, no

@@ -76,7 +76,7 @@ def test_every_shipped_recipe_fits_an_80_gb_gpu_at_its_worst_case(name):
     assert max(peaks.values()) <= bench.BUDGET_GIB * bench.GIB, peaks
 
 
-def test_bench_memory_command(tmp_path):
+def test_bench_memory_command():
     import subprocess
     import sys
     out = subprocess.run([sys.executable, "bench.py", "memory", "configs/qwen3_8b_ibtpo.yaml", "--overrides",
